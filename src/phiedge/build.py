@@ -1,0 +1,191 @@
+"""`phiedge build`: a target's Olive recipe on a checkpoint, checked by phiedge, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config
+from .checkpoint import Checkpoint, inspect
+from .catalog import pydantic_problems
+from .errors import BuildError, ConfigError
+from .progress import Progress
+from .schema import Int4Settings, Target
+from .workspace import check_output, staged_dir
+
+RECORD = "phiedge_build.json"
+# What a model folder needs at run time; Olive's footprints and run history stay behind.
+ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".json", ".jinja", ".txt", ".model")
+OLIVE_ONLY = {"footprint.json", "output_footprint.json", "model_config.json", "run_history.txt"}
+PRECISIONS = {"cpu": ("int4", "fp32"), "cuda": ("int4", "fp16", "fp32"), "dml": ("int4", "fp16"),
+              "webgpu": ("int4", "fp16", "fp32")}
+STACK = ("olive-ai", "onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What the user may override on top of the target."""
+
+    precision: str | None = None
+    int4: dict = field(default_factory=dict)  # block_size, accuracy_level, symmetric, algorithm
+    context_cap: int | None = None
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    target: Target
+    checkpoint: Checkpoint
+    precision: str
+    int4: Int4Settings
+    context_cap: int
+    threads: int
+    recipe: dict
+
+    def olive_config(self, workdir: Path) -> dict:
+        return olive_config.fill(self.recipe, self.target, self.checkpoint.path, workdir, self.precision, self.int4)
+
+
+def stack_versions() -> dict[str, str]:
+    found = {"phiedge": __version__}
+    for name in STACK:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildOptions()) -> Plan:
+    """Resolve target, checkpoint and options; every option problem is reported at once."""
+    target = catalog.find_target(target_name)
+    checkpoint = inspect(model_dir)
+    problems = []
+    precision = options.precision or target.precision
+    if precision not in PRECISIONS[target.execution_provider]:
+        problems.append(f"precision {precision} is not available on {target.execution_provider} "
+                        f"(choose {', '.join(PRECISIONS[target.execution_provider])})")
+    try:
+        int4 = Int4Settings(**{**target.int4.model_dump(), **options.int4})
+    except ValidationError as exc:
+        problems.extend(f"int4 {p}" for p in pydantic_problems(exc))
+        int4 = target.int4
+    cap = options.context_cap if options.context_cap is not None else target.context_cap
+    if cap < 1:
+        problems.append(f"context cap must be at least 1, not {cap}")
+    threads = options.threads if options.threads is not None else target.threads
+    if threads == "auto":
+        threads = os.cpu_count() or 1
+    if threads < 1:
+        problems.append(f"threads must be at least 1, not {threads}")
+    if problems:
+        raise ConfigError("build options", problems)
+    return Plan(target, checkpoint, precision, int4, cap, threads, catalog.load_recipe(target.recipe))
+
+
+def olive_env(workdir: Path) -> dict[str, str]:
+    """Offline, no telemetry, and a Hugging Face cache of the build's own (the builder writes there)."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               HF_HUB_DISABLE_TELEMETRY="1", OLIVE_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1",
+               HF_HOME=str(workdir / "hf-home"), PYTHONUNBUFFERED="1")
+    return env
+
+
+def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) -> Path:
+    """Run the workflow in a child process; return Olive's output folder or raise BuildError."""
+    config_path = workdir / "olive_config.json"
+    result_path = workdir / "olive_result.json"
+    log_path = workdir / "olive.log"
+    config_path.write_text(json.dumps(config, indent=2))
+    cmd = [sys.executable, "-m", "phiedge.olive_runner", str(config_path), str(result_path)]
+    with open(log_path, "w") as log, progress.bar(n_layers, "export layers") as bar:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=olive_env(workdir), bufsize=1)
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if line.startswith("Reading layer"):
+                    bar.update(1)
+                elif "Running pass" in line or line.startswith("Saving ONNX model"):
+                    progress.step("olive: " + line.split("] ")[-1].strip())
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    output = Path(config["output_dir"])
+    if proc.returncode != 0 or not (output / "genai_config.json").is_file():
+        raise BuildError(f"Olive produced no model (exit {proc.returncode}): {last_error(log_path)}")
+    return output
+
+
+def last_error(log_path: Path) -> str:
+    """The most telling line of an Olive log: the last exception or error line."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if "Error" in line or "Exception" in line or "error:" in line:
+            return line[-400:]
+    return lines[-1][-400:] if lines else "no output (see the log)"
+
+
+def collect(olive_output: Path, dest: Path) -> list[str]:
+    moved = []
+    for path in sorted(olive_output.iterdir()):
+        if path.is_file() and path.name not in OLIVE_ONLY and path.name.endswith(ARTIFACT_SUFFIXES):
+            os.replace(path, dest / path.name)
+            moved.append(path.name)
+    return moved
+
+
+def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),
+          force: bool = False, progress: Progress | None = None) -> dict:
+    """Build, fix up, check and write the model folder; return the build record (also saved in it)."""
+    progress = progress or Progress(quiet=True)
+    p = plan(model_dir, target_name, options)
+    out = Path(out)
+    check_output(out, force)
+    started = time.perf_counter()
+    with staged_dir(out, force=force) as tmp:
+        work = tmp / ".work"
+        work.mkdir()
+        progress.step(f"building {p.checkpoint.variant or p.checkpoint.architecture} for {p.target.name} "
+                      f"({p.precision}) with Olive")
+        olive_output = run_olive(p.olive_config(work), work, p.checkpoint.config["num_hidden_layers"], progress)
+        files = collect(olive_output, tmp)
+        model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]
+        fixed = graph_fixes.layernorm_epsilon(tmp / model_file, p.checkpoint.config)
+        runtime = genai_config.apply_runtime(tmp, p.context_cap, p.threads)
+        progress.step("checking the output")
+        found = checks.check_model_dir(tmp)
+        checks.smoke_generate(tmp)
+        shutil.rmtree(work)
+        record = {
+            "phiedge_version": __version__,
+            "target": p.target.name,
+            "recipe": p.target.recipe,
+            "execution_provider": p.target.execution_provider,
+            "precision": p.precision,
+            "int4": p.int4.model_dump() if p.precision == "int4" else None,
+            "runtime": runtime,
+            "source": {"path": str(p.checkpoint.path), "architecture": p.checkpoint.architecture,
+                       "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
+                       "notes": list(p.checkpoint.notes)},
+            "fixes": {"layernorm_epsilon_nodes": fixed},
+            "files": found["files"] + [RECORD],
+            "size_bytes": sum((tmp / f).stat().st_size for f in files),
+            "build_seconds": round(time.perf_counter() - started, 1),
+            "versions": stack_versions(),
+        }
+        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    progress.step(f"wrote {out}")
+    return record

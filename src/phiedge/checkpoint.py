@@ -1,0 +1,129 @@
+"""What is in a Hugging Face checkpoint folder, and whether phiedge can build it.
+
+Every check here stands for a failure seen downstream, turned into one clear line before Olive
+spends minutes on it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalog
+from .errors import ModelError, PhiedgeError
+from .schema import Variant
+
+SYNTH_FILE = "phiedge_synth.json"
+WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    config: dict
+    architecture: str
+    variant: str | None  # catalog name when the shape is a published one (or synthesized from one)
+    shrunk: bool
+    notes: tuple[str, ...]
+
+    @property
+    def head_dim(self) -> int:
+        return head_dim(self.config)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.config["max_position_embeddings"])
+
+
+def head_dim(config: dict) -> int:
+    return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
+
+
+def linear_widths(config: dict) -> dict[str, int]:
+    """Output widths of every Linear layer but the LM head, by name."""
+    hd, heads = head_dim(config), config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    if config.get("model_type") == "phi":
+        return {"q_proj": heads * hd, "k_proj": kv * hd, "v_proj": kv * hd, "dense": config["hidden_size"],
+                "fc1": config["intermediate_size"], "fc2": config["hidden_size"]}
+    return {"qkv_proj": (heads + 2 * kv) * hd, "o_proj": config["hidden_size"],
+            "gate_up_proj": 2 * config["intermediate_size"], "down_proj": config["hidden_size"]}
+
+
+def lm_head_collisions(config: dict) -> list[str]:
+    """Layers the ONNX Runtime GenAI builder would mistake for the LM head.
+
+    The builder (0.14.1) treats any Linear whose output width equals vocab_size as the LM head and
+    wires the logits to it: the model loads and runs, with wrong logits. Real Phi shapes never
+    collide; shrunk ones can.
+    """
+    return [name for name, width in linear_widths(config).items() if width == config["vocab_size"]]
+
+
+def read_config(path: Path) -> dict:
+    if not path.exists():
+        raise ModelError(f"model folder {path} does not exist")
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a folder (expected a Hugging Face checkpoint folder)")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg_file} does not hold a JSON object")
+    return config
+
+
+def match_variant(config: dict) -> Variant | None:
+    keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "vocab_size", "max_position_embeddings")
+    for v in catalog.variants().values():
+        if v.buildable and all(v.config.get(k) == config.get(k) for k in keys) and \
+                (v.config.get("num_key_value_heads") or v.config["num_attention_heads"]) == \
+                (config.get("num_key_value_heads") or config["num_attention_heads"]):
+            return v
+    return None
+
+
+def inspect(path: str | Path) -> Checkpoint:
+    """Read and check a checkpoint folder; raise ModelError with one line on the first problem."""
+    path = Path(path)
+    config = read_config(path)
+    arch = (config.get("architectures") or [None])[0]
+    buildable, blocked = catalog.architectures()
+    if arch in blocked:
+        v = blocked[arch]
+        raise ModelError(f"{path}: {arch} ({v.name}) cannot be built yet: {v.reason}")
+    if arch not in buildable:
+        raise ModelError(f"{path}: architecture {arch or '(none)'} is not a Phi model phiedge can build "
+                         f"(supported: {', '.join(sorted(buildable))})")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "max_position_embeddings") if not isinstance(config.get(k), int)]
+    if missing:
+        raise ModelError(f"{path}/config.json lacks {', '.join(missing)}")
+    if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
+        raise ModelError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    collisions = lm_head_collisions(config)
+    if collisions:
+        raise ModelError(f"{path}: vocab_size {config['vocab_size']} equals the width of {', '.join(collisions)}; "
+                         "the ONNX Runtime GenAI builder would take that layer for the LM head")
+    notes = []
+    if config.get("auto_map"):
+        notes.append("config.json names custom code (auto_map); phiedge uses transformers' built-in "
+                     f"{arch} instead and never runs remote code")
+    variant, shrunk = match_variant(config), False
+    synth = path / SYNTH_FILE
+    if variant is None and synth.is_file():
+        try:
+            variant, shrunk = catalog.find_variant(json.loads(synth.read_text())["like"]), True
+        except (KeyError, ValueError, OSError, PhiedgeError):
+            variant = None
+    return Checkpoint(path=path.resolve(), config=config, architecture=arch,
+                      variant=variant.name if variant else None, shrunk=shrunk, notes=tuple(notes))

@@ -1,0 +1,167 @@
+"""The `phiedge` command: click wiring only. The one place phiedge errors become click errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import PhiedgeError
+from .progress import Progress
+
+
+def errors_to_click(fn):
+    """Turn phiedge's own exceptions into one-line errors with a non-zero exit, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PhiedgeError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("phiedge: interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2) if as_json else text)
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="phiedge")
+def cli():
+    """Phi models from a Hugging Face checkpoint to a validated int4 ONNX model for edge devices."""
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--recommend", is_flag=True, help="Pick one variant for a device's memory and a task.")
+@click.option("--ram", default=None, help="Device memory for --recommend, e.g. 4GB.")
+@click.option("--task", default=None, help="Use for --recommend, e.g. chat, code, math, reasoning.")
+@errors_to_click
+def models(as_json, recommend, ram, task):
+    """List the Phi variants phiedge knows, or recommend one."""
+    from .models import recommend as pick
+    from .models import rows
+
+    if recommend:
+        if not ram:
+            raise click.UsageError("--recommend needs --ram (e.g. --ram 4GB)")
+        r = pick(ram, task)
+        emit(r, as_json, f"{r['name']} ({r['hf_id']}): int4 weights {r['int4_weights_gb']} GB + KV cache "
+                         f"{r['kv_cache_gb']} GB at {r['context']} tokens, {r['total_gb']} GB of a "
+                         f"{r['ram_budget_gb']} GB budget. {r['why']}")
+        return
+    data = rows()
+    for row in data:
+        row["status"] = "ok" if row["buildable"] else f"not yet: {row['reason']}"
+        row["tasks_"] = ",".join(row["tasks"])
+    emit(data, as_json, table(data, ["name", "hf_id", "params_b", "int4_gb", "context", "tasks_", "status"])
+         .replace("tasks_", "tasks "))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@errors_to_click
+def targets(as_json):
+    """List the device targets found under targets/."""
+    from .catalog import targets as found
+
+    data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
+             "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
+             "context_cap": t.context_cap, "threads": t.threads, "recipe": t.recipe,
+             "description": t.description} for t in found().values()]
+    emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "accuracy_level",
+                                     "context_cap", "threads", "recipe", "description"]))
+
+
+@cli.command()
+@click.option("--like", required=True, help="Variant whose architecture to copy, e.g. phi-4-mini.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Checkpoint folder to write.")
+@click.option("--layers", type=int, default=None, help="Decoder layers (default: the variant's).")
+@click.option("--heads", type=int, default=None, help="Attention heads; hidden size = heads x head dim.")
+@click.option("--kv-heads", type=int, default=None, help="Key/value heads (default keeps the GQA ratio).")
+@click.option("--intermediate", type=int, default=None, help="MLP width (default: the variant's).")
+@click.option("--vocab", type=int, default=None, help="Vocabulary (embedding rows; default: the variant's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
+              help="Weight precision on disk (published Phi checkpoints are bf16).")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@errors_to_click
+def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, force):
+    """Write a Hugging Face checkpoint shaped like a Phi variant, with random weights."""
+    from .synth import Shrink
+    from .synth import synth as make
+
+    progress = Progress()
+    summary = make(like, out, Shrink(layers, heads, kv_heads, intermediate, vocab), seed=seed, dtype=dtype,
+                   force=force, progress=progress.iterate)
+    click.echo(json.dumps(summary, indent=2))
+
+
+@cli.command()
+@click.option("--target", "target_name", required=True, help="Device target (see `phiedge targets`).")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Hugging Face checkpoint folder.")
+@click.option("-o", "--output", "out", type=click.Path(), default=None, help="Model folder to write.")
+@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+              help="Override the target's precision (fp32 checks the export apart from quantization).")
+@click.option("--block-size", type=int, default=None, help="int4 block size (16, 32, 64, 128 or 256).")
+@click.option("--accuracy-level", type=int, default=None, help="int4 MatMul compute: 1 fp32 .. 4 int8.")
+@click.option("--symmetric/--asymmetric", default=None, help="int4 with or without zero points.")
+@click.option("--algorithm", default=None, help="int4 algorithm: default, rtn, rtn_last, k_quant, k_quant_mixed.")
+@click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
+@click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
+@click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
+@errors_to_click
+def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm, context_cap,
+          threads, dry_run, force, quiet):
+    """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
+    from pathlib import Path
+
+    from .build import BuildOptions, plan
+    from .build import build as run_build
+
+    int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
+                                  algorithm=algorithm).items() if v is not None}
+    options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads)
+    if dry_run:
+        click.echo(json.dumps(plan(model_dir, target_name, options).olive_config(Path("<workdir>")), indent=2))
+        return
+    if not out:
+        raise click.UsageError("Missing option '-o' / '--output' (not needed with --dry-run).")
+    record = run_build(model_dir, target_name, out, options, force=force, progress=Progress(quiet))
+    click.echo(json.dumps(record, indent=2))
+
+
+@cli.command()
+@click.option("-o", "--output", "out", type=click.Path(), default="phiedge-demo", show_default=True,
+              help="Folder for the checkpoint and the builds.")
+@click.option("--like", default="phi-4-mini", show_default=True, help="Variant to imitate.")
+@click.option("--force", is_flag=True, help="Replace earlier demo outputs.")
+@errors_to_click
+def demo(out, like, force):
+    """Make a small Phi checkpoint here, build it for CPU in fp32 and int4, and check it against PyTorch."""
+    from .demo import demo as run_demo
+
+    summary = run_demo(out, like, force=force, progress=Progress())
+    click.echo(json.dumps(summary, indent=2))
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    cli()

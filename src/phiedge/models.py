@@ -1,0 +1,72 @@
+"""The catalog as a user sees it: a table of variants, and a pick for a device and a task."""
+
+from __future__ import annotations
+
+import re
+
+from . import catalog
+from .checkpoint import head_dim
+from .errors import ConfigError
+from .schema import Variant
+
+GB = 1024**3
+RUNTIME_OVERHEAD = 0.35 * GB  # ONNX Runtime, tokenizer and activations, measured order of magnitude
+RAM_SHARE = 0.6  # what an app may take of a device's memory next to the OS and other apps
+RECOMMEND_CONTEXT = 4096
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '4 GiB', '512MB' or a bare number of GB -> bytes (1 GB taken as 2**30)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?)?\s*", text.lower())
+    if not m:
+        raise ConfigError("--ram", [f"cannot read {text!r} as a size (e.g. 4GB, 512MB)"])
+    unit = (m.group(2) or "g")[0]
+    return int(float(m.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
+
+
+def int4_footprint(v: Variant, context: int = RECOMMEND_CONTEXT, block_size: int = 32) -> dict[str, int]:
+    """Bytes at run time for an int4 CPU build (ONNX Runtime GenAI 0.14: fp32 embedding table)."""
+    cfg = v.config
+    embed = cfg["vocab_size"] * cfg["hidden_size"]
+    quantized = v.params - embed  # layers and (untied or tied-copy) LM head
+    if cfg.get("tie_word_embeddings"):
+        quantized += embed  # the builder writes the tied LM head as its own int4 MatMul
+    weights = int(quantized * (4 + 32 / block_size) / 8) + embed * 4
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    kv_cache = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim(cfg) * context * 4
+    return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache + int(RUNTIME_OVERHEAD)}
+
+
+def rows() -> list[dict]:
+    out = []
+    for v in sorted(catalog.variants().values(), key=lambda v: (not v.buildable, v.params, v.name)):
+        row = {"name": v.name, "hf_id": v.hf_id, "params_b": round(v.params / 1e9, 2),
+               "buildable": v.buildable, "chat_format": v.chat_format, "tasks": v.tasks,
+               "context": v.config.get("max_position_embeddings"), "summary": v.summary}
+        if v.buildable:
+            row["int4_gb"] = round(int4_footprint(v)["weights"] / GB, 2)
+        else:
+            row["reason"] = v.reason
+        out.append(row)
+    return out
+
+
+def recommend(ram: str, task: str | None = None) -> dict:
+    """The largest buildable variant for the task whose int4 build fits the device's memory."""
+    budget = parse_size(ram) * RAM_SHARE
+    known_tasks = sorted({t for v in catalog.variants().values() for t in v.tasks})
+    if task and task not in known_tasks:
+        raise ConfigError("--task", [f"unknown task {task!r} (known: {', '.join(known_tasks)})"])
+    candidates = [v for v in catalog.variants().values() if v.buildable and (task is None or task in v.tasks)]
+    sized = [(v, int4_footprint(v)) for v in candidates]
+    fitting = sorted([(v, f) for v, f in sized if f["total"] <= budget], key=lambda vf: (vf[0].params, vf[0].name))
+    if not fitting:
+        smallest = min(sized, key=lambda vf: vf[1]["total"])
+        raise ConfigError("--recommend", [f"no {task or ''} variant fits {ram}: the smallest, {smallest[0].name}, "
+                                          f"needs {smallest[1]['total'] / GB:.1f} GB at int4 with a "
+                                          f"{RECOMMEND_CONTEXT}-token context (budget {budget / GB:.1f} GB)"])
+    best, foot = fitting[-1]
+    return {"name": best.name, "hf_id": best.hf_id, "task": task, "ram_budget_gb": round(budget / GB, 2),
+            "int4_weights_gb": round(foot["weights"] / GB, 2), "kv_cache_gb": round(foot["kv_cache"] / GB, 2),
+            "total_gb": round(foot["total"] / GB, 2), "context": RECOMMEND_CONTEXT,
+            "alternatives": [v.name for v, _ in reversed(fitting[:-1])], "why": best.summary}

@@ -1,0 +1,47 @@
+"""(recipe, target, model, options) -> the Olive workflow config phiedge runs.
+
+A pure function: `phiedge build --dry-run` prints its result and tests snapshot it.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from .errors import ConfigError
+from .schema import Int4Settings, Target
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
+             "webgpu": "WebGpuExecutionProvider"}
+DEVICES = {"cpu": "cpu", "cuda": "gpu", "dml": "gpu", "webgpu": "gpu"}
+
+
+def builder_options(precision: str, int4: Int4Settings) -> dict:
+    """The ModelBuilder pass options that carry a target's precision and int4 settings."""
+    options: dict = {"precision": precision}
+    if precision == "int4":
+        options.update(int4_block_size=int4.block_size, int4_accuracy_level=int4.accuracy_level,
+                       int4_is_symmetric=int4.symmetric, int4_algo_config=int4.algorithm)
+    return options
+
+
+def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision: str | None = None,
+         int4: Int4Settings | None = None) -> dict:
+    """Fill a recipe: model path, provider, precision and int4 settings, and where Olive writes."""
+    precision = precision or target.precision
+    int4 = int4 or target.int4
+    config = copy.deepcopy(recipe)
+    config["input_model"]["model_path"] = str(Path(model_dir).resolve())
+    for system in config["systems"].values():
+        system["accelerators"] = [{"device": DEVICES[target.execution_provider],
+                                   "execution_providers": [PROVIDERS[target.execution_provider]]}]
+    builders = [p for p in config["passes"].values() if p["type"] == "ModelBuilder"]
+    if len(builders) != 1:
+        raise ConfigError("recipe", [f"expected one ModelBuilder pass, found {len(builders)}"])
+    builder = builders[0]
+    for key in [k for k in builder if k.startswith("int4_")]:
+        del builder[key]
+    builder.update(builder_options(precision, int4))
+    config["cache_dir"] = str(workdir / "olive-cache")
+    config["output_dir"] = str(workdir / "olive-output")
+    return config

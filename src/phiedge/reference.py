@@ -1,0 +1,60 @@
+"""The original model in PyTorch (transformers, fp32), and greedy agreement of a built model with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROMPTS = (
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n",
+    "class Queue:\n    \"\"\"A first-in, first-out queue.\"\"\"\n",
+)
+
+
+def load_reference(model_dir: str | Path):
+    """The checkpoint in fp32 with transformers' built-in class (never remote code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+    return model.eval()
+
+
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    import torch
+
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
+                             pad_token_id=model.generation_config.pad_token_id or (eos[0] if isinstance(eos, list) else eos))
+    return out[0, len(prompt_ids):].tolist()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_tokens: int = 32,
+                  prompts: tuple[str, ...] = PROMPTS, reference=None) -> list[dict]:
+    """Greedy tokens of the built model (onnxruntime-genai) and of transformers, prompt by prompt."""
+    from transformers import AutoTokenizer
+
+    from .generate import generate, load
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
+    reference = reference or load_reference(reference_dir)
+    model, _ = load(str(built_dir))
+    results = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        built = list(generate(model, ids, max_new_tokens))
+        ref = reference_greedy(reference, ids, max_new_tokens)
+        results.append({"prompt": text, "prompt_tokens": len(ids), "built": built, "reference": ref,
+                        "agree": common_prefix(built, ref), "identical": built == ref})
+    return results

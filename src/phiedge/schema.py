@@ -1,0 +1,149 @@
+"""One schema for every data file phiedge reads: variants, chat formats, targets, recipes.
+
+Unknown keys are rejected everywhere, so a typo in a YAML file is an error, not a silently ignored
+setting (olive-recipes' `info.yml` vs `info.yaml` drift is the cautionary tale).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatFormat(Strict):
+    """How a family of Phi models frames a conversation (the tokenizer's chat template)."""
+
+    name: str
+    description: str
+    special_tokens: list[str] = Field(min_length=1, description="added tokens, in id order")
+    bos_token: str
+    eos_tokens: list[str] = Field(min_length=1, description="tokens that end generation; the first is config eos")
+    pad_token: str
+    template: str = Field(description="Jinja chat template, as in tokenizer_config.json")
+
+    @model_validator(mode="after")
+    def _tokens_are_special(self) -> ChatFormat:
+        known = set(self.special_tokens)
+        for token in [self.bos_token, self.pad_token, *self.eos_tokens]:
+            if token not in known:
+                raise ValueError(f"{token!r} is not among special_tokens")
+        return self
+
+
+class Variant(Strict):
+    """A published Phi model: its config.json values and what it is for."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9.\-]*$")
+    hf_id: str
+    aliases: list[str] = []
+    family: str
+    params: int = Field(gt=0, description="parameter count of the published checkpoint")
+    summary: str
+    tasks: list[str] = Field(min_length=1)
+    license: str
+    buildable: bool
+    reason: str | None = Field(None, description="why phiedge cannot build it yet")
+    chat_format: str | None = Field(None, description="name of a file in variants/chat_formats")
+    config: dict[str, Any] = Field(default_factory=dict, description="published config.json values")
+
+    @model_validator(mode="after")
+    def _buildable_has_config(self) -> Variant:
+        if self.buildable:
+            missing = [k for k in ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "intermediate_size", "vocab_size", "max_position_embeddings") if k not in self.config]
+            if missing:
+                raise ValueError(f"buildable variant lacks config keys: {', '.join(missing)}")
+            if self.reason:
+                raise ValueError("a buildable variant has no 'reason'")
+        elif not self.reason:
+            raise ValueError("a variant that is not buildable must say why ('reason')")
+        return self
+
+
+class Int4Settings(Strict):
+    """MatMulNBits quantization as the ONNX Runtime GenAI model builder applies it."""
+
+    block_size: int = Field(32, description="weights per scale; one of 16, 32, 64, 128, 256")
+    accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8")
+    symmetric: bool = True
+    algorithm: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = "default"
+
+    @field_validator("block_size")
+    @classmethod
+    def _block(cls, v: int) -> int:
+        if v not in BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {v}")
+        return v
+
+
+class Bundle(Strict):
+    layout: Literal["flat"] = "flat"
+
+
+class Target(Strict):
+    """A device class: how a model must be built to run well there."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
+    description: str
+    execution_provider: Literal["cpu", "cuda", "dml", "webgpu"]
+    precision: Literal["int4", "fp32", "fp16"]
+    int4: Int4Settings = Int4Settings()
+    context_cap: int = Field(gt=0, description="search.max_length written into genai_config.json")
+    threads: int | Literal["auto"] = Field("auto", description="intra-op threads; auto = the build machine's cores")
+    recipe: str = Field(description="path of the Olive workflow under recipes/, without extension")
+    bundle: Bundle = Bundle()
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("threads must be at least 1 or 'auto'")
+        return v
+
+
+class OliveSystem(Strict):
+    type: Literal["LocalSystem"]
+    accelerators: list[dict[str, Any]]
+
+
+class OlivePass(BaseModel):
+    """A pass's own options are Olive's to check; phiedge only needs its type."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: str
+
+
+class OliveInputModel(Strict):
+    type: Literal["HfModel"]
+    model_path: str | None = Field(None, description="left empty in recipes: phiedge fills it")
+    load_kwargs: dict[str, Any] | None = None
+
+
+class Recipe(Strict):
+    """The subset of an Olive workflow config that phiedge recipes may use."""
+
+    input_model: OliveInputModel
+    systems: dict[str, OliveSystem]
+    host: str
+    target: str
+    passes: dict[str, OlivePass] = Field(min_length=1)
+    log_severity_level: int = 1
+    output_dir: str | None = None
+    cache_dir: str | None = None
+    evaluate_input_model: bool | None = None
+
+    @model_validator(mode="after")
+    def _systems_exist(self) -> Recipe:
+        for role in ("host", "target"):
+            if getattr(self, role) not in self.systems:
+                raise ValueError(f"{role} {getattr(self, role)!r} is not one of the systems")
+        if not any(p.type == "ModelBuilder" for p in self.passes.values()):
+            raise ValueError("a recipe needs a ModelBuilder pass (it writes genai_config.json)")
+        return self

@@ -1,0 +1,137 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from phiedge import build as build_mod
+from phiedge.build import BuildOptions, build, plan
+from phiedge.errors import BuildError, ConfigError
+from phiedge.generate import generate, load
+from phiedge.reference import greedy_parity
+
+VARIANTS = ["phi-4-mini", "phi-3-mini-4k", "phi-2"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp32_build_matches_transformers_greedy(builds, checkpoints, variant):
+    results = greedy_parity(builds(variant, "fp32"), checkpoints[variant], max_new_tokens=32)
+    assert len(results) == 3
+    for r in results:
+        assert len(r["reference"]) == 32  # random models rarely emit an end token; all 32 are compared
+        assert r["built"] == r["reference"], f"{variant}: diverged after {r['agree']} tokens on {r['prompt']!r}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_int4_build_loads_and_generates(builds, variant):
+    out = builds(variant, "int4")
+    model, tokenizer = load(str(out))
+    tokens = list(generate(model, list(tokenizer.encode("def main():")), max_new_tokens=16))
+    assert len(tokens) == 16
+    record = json.loads((out / "phiedge_build.json").read_text())
+    assert record["precision"] == "int4" and record["int4"]["block_size"] == 32
+    assert record["source"]["variant"] == variant and record["source"]["shrunk"]
+
+
+def test_int4_is_quantized_and_smaller_than_fp32(builds):
+    import onnx
+
+    def ops(folder):
+        return {n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+
+    int4, fp32 = builds("phi-4-mini", "int4"), builds("phi-4-mini", "fp32")
+    assert "MatMulNBits" in ops(int4) and "MatMulNBits" not in ops(fp32)
+    assert (int4 / "model.onnx.data").stat().st_size < 0.6 * (fp32 / "model.onnx.data").stat().st_size
+
+
+def test_genai_config_is_capped_and_threaded(builds, checkpoints):
+    out = builds("phi-4-mini", "int4")
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["context_length"] == 131072  # the model's own, kept
+    assert cfg["search"]["max_length"] == 4096  # the cpu target's cap, not 131072
+    assert cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] >= 1
+
+
+def test_output_holds_model_files_only(builds):
+    names = {p.name for p in builds("phi-4-mini", "int4").iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json",
+            "phiedge_build.json"} <= names
+    assert not names & {"footprint.json", "run_history.txt", ".work"}
+    assert not any(n.startswith(".") for n in names)
+
+
+def test_tokenizers_agree(builds, checkpoints):
+    """onnxruntime-genai reads the synth tokenizer exactly as transformers does."""
+    from transformers import AutoTokenizer
+
+    _, og_tok = load(str(builds("phi-4-mini", "int4")))
+    hf_tok = AutoTokenizer.from_pretrained(checkpoints["phi-4-mini"])
+    for text in ["def f(x):\n    return x  # ünïcødé ✓", "<|user|>hi<|end|><|assistant|>", "  spaces\t\ttabs\n\n"]:
+        assert list(og_tok.encode(text)) == hf_tok(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_context_cap_and_threads_options(checkpoints, tmp_path):
+    p = plan(checkpoints["phi-4-mini"], "cpu", BuildOptions(context_cap=1024, threads=3))
+    assert (p.context_cap, p.threads) == (1024, 3)
+
+
+@pytest.mark.parametrize("options, words", [
+    (BuildOptions(int4={"block_size": 7}), "block_size"),
+    (BuildOptions(context_cap=0), "context cap"),
+    (BuildOptions(precision="fp16"), "precision fp16"),
+    (BuildOptions(threads=0), "threads"),
+])
+def test_bad_options_are_config_errors(checkpoints, options, words):
+    with pytest.raises(ConfigError, match=words):
+        plan(checkpoints["phi-4-mini"], "cpu", options)
+
+
+def test_all_option_problems_reported_together(checkpoints):
+    with pytest.raises(ConfigError) as exc:
+        plan(checkpoints["phi-4-mini"], "cpu", BuildOptions(int4={"block_size": 7}, context_cap=0))
+    assert len(exc.value.problems) == 2
+
+
+def test_olive_failure_is_detected_and_nothing_is_left(checkpoints, tmp_path):
+    """Olive exits 0 on a failed workflow; phiedge must notice and leave no output."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoints["phi-4-mini"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: config passes, loading fails
+    out = tmp_path / "out"
+    with pytest.raises(BuildError, match="Olive produced no model"):
+        build(broken, "cpu", out)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_failed_rebuild_keeps_earlier_output(checkpoints, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_text("earlier good output")
+
+    def fail(*args, **kwargs):
+        raise BuildError("simulated failure")
+
+    monkeypatch.setattr(build_mod, "run_olive", fail)
+    with pytest.raises(BuildError):
+        build(checkpoints["phi-4-mini"], "cpu", out, force=True)
+    assert (out / "model.onnx").read_text() == "earlier good output"
+
+
+def test_existing_output_needs_force(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Exception, match="already exists"):
+        build(checkpoints["phi-4-mini"], "cpu", out)
+
+
+def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "run_olive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
