@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .build import BuildOptions, build
 from .errors import PhiedgeError
+from .generate import chat_prompt, generate, load
 from .progress import Progress
 from .reference import greedy_parity, load_reference
 from .synth import Shrink, synth
@@ -19,7 +20,7 @@ class DemoError(PhiedgeError):
 
 def demo(out: str | Path, like: str = "phi-4-mini", force: bool = False, progress: Progress | None = None) -> dict:
     progress = progress or Progress(quiet=True)
-    out = Path(out)
+    out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     progress.step(f"synthesizing a shrunk {like} checkpoint in {ckpt}")
@@ -41,7 +42,16 @@ def demo(out: str | Path, like: str = "phi-4-mini", force: bool = False, progres
                           "greedy_agree_tokens": [p["agree"] for p in parity[name]]}
                    for name, r in records.items()},
     }
+    summary["sample"] = sample_reply(out / "cpu-int4", "Write a function that reverses a list.")
     fp32 = summary["builds"]["cpu-fp32"]
     if fp32["greedy_identical"] != fp32["greedy_prompts"]:
         raise DemoError(f"fp32 export disagrees with transformers on greedy tokens: {fp32['greedy_agree_tokens']}")
     return summary
+
+
+def sample_reply(model_dir: Path, user: str, max_new_tokens: int = 24) -> dict:
+    """A chat turn through the model's own template (random weights: the text itself is noise)."""
+    model, tokenizer = load(str(model_dir))
+    prompt = chat_prompt(tokenizer, user)
+    tokens = list(generate(model, list(tokenizer.encode(prompt)), max_new_tokens))
+    return {"prompt": prompt, "new_tokens": len(tokens), "text": tokenizer.decode(tokens)}

@@ -11,8 +11,8 @@ from .schema import Variant
 
 GB = 1024**3
 RUNTIME_OVERHEAD = 0.35 * GB  # ONNX Runtime, tokenizer and activations, measured order of magnitude
-RAM_SHARE = 0.6  # what an app may take of a device's memory next to the OS and other apps
-RECOMMEND_CONTEXT = 4096
+RAM_SHARE = 0.7  # what an app may take of a device's memory next to the OS and other apps
+CONTEXTS = (4096, 2048, 1024)  # context caps tried, longest first
 
 
 def parse_size(text: str) -> int:
@@ -24,7 +24,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
 
 
-def int4_footprint(v: Variant, context: int = RECOMMEND_CONTEXT, block_size: int = 32) -> dict[str, int]:
+def int4_footprint(v: Variant, context: int = CONTEXTS[0], block_size: int = 32) -> dict[str, int]:
     """Bytes at run time for an int4 CPU build (ONNX Runtime GenAI 0.14: fp32 embedding table)."""
     cfg = v.config
     embed = cfg["vocab_size"] * cfg["hidden_size"]
@@ -52,21 +52,33 @@ def rows() -> list[dict]:
 
 
 def recommend(ram: str, task: str | None = None) -> dict:
-    """The largest buildable variant for the task whose int4 build fits the device's memory."""
+    """The largest buildable variant for the task whose int4 build fits the device's memory.
+
+    A bigger model at a shorter context is preferred to a smaller one at a longer context, down to
+    the shortest context in CONTEXTS.
+    """
     budget = parse_size(ram) * RAM_SHARE
     known_tasks = sorted({t for v in catalog.variants().values() for t in v.tasks})
     if task and task not in known_tasks:
         raise ConfigError("--task", [f"unknown task {task!r} (known: {', '.join(known_tasks)})"])
     candidates = [v for v in catalog.variants().values() if v.buildable and (task is None or task in v.tasks)]
-    sized = [(v, int4_footprint(v)) for v in candidates]
-    fitting = sorted([(v, f) for v, f in sized if f["total"] <= budget], key=lambda vf: (vf[0].params, vf[0].name))
+    fitting = []
+    for v in candidates:
+        for context in CONTEXTS:
+            foot = int4_footprint(v, context)
+            if foot["total"] <= budget:
+                fitting.append((v, context, foot))
+                break
     if not fitting:
-        smallest = min(sized, key=lambda vf: vf[1]["total"])
-        raise ConfigError("--recommend", [f"no {task or ''} variant fits {ram}: the smallest, {smallest[0].name}, "
-                                          f"needs {smallest[1]['total'] / GB:.1f} GB at int4 with a "
-                                          f"{RECOMMEND_CONTEXT}-token context (budget {budget / GB:.1f} GB)"])
-    best, foot = fitting[-1]
+        v, foot = min(((v, int4_footprint(v, CONTEXTS[-1])) for v in candidates), key=lambda vf: vf[1]["total"])
+        raise ConfigError("--recommend", [f"no {task + ' ' if task else ''}variant fits {ram}: the smallest, "
+                                          f"{v.name}, needs {foot['total'] / GB:.1f} GB at int4 with a "
+                                          f"{CONTEXTS[-1]}-token context, over the {budget / GB:.1f} GB an app "
+                                          f"may use ({RAM_SHARE:.0%} of {ram})"])
+    # Largest first; among equals, the one whose tasks list the asked task earliest (the specialist).
+    fitting.sort(key=lambda vcf: (vcf[0].params, -vcf[0].tasks.index(task) if task else 0, vcf[1], vcf[0].name))
+    best, context, foot = fitting[-1]
     return {"name": best.name, "hf_id": best.hf_id, "task": task, "ram_budget_gb": round(budget / GB, 2),
             "int4_weights_gb": round(foot["weights"] / GB, 2), "kv_cache_gb": round(foot["kv_cache"] / GB, 2),
-            "total_gb": round(foot["total"] / GB, 2), "context": RECOMMEND_CONTEXT,
-            "alternatives": [v.name for v, _ in reversed(fitting[:-1])], "why": best.summary}
+            "total_gb": round(foot["total"] / GB, 2), "context": context,
+            "alternatives": [v.name for v, _, _ in reversed(fitting[:-1])], "why": best.summary}

@@ -1,0 +1,105 @@
+import json
+import shutil
+
+import pytest
+
+from phiedge.checkpoint import inspect, lm_head_collisions
+from phiedge.errors import ModelError
+
+
+@pytest.fixture
+def copy(checkpoints, tmp_path):
+    def make(variant="phi-4-mini"):
+        dest = tmp_path / "ckpt"
+        shutil.copytree(checkpoints[variant], dest)
+        return dest
+    return make
+
+
+def edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        inspect(tmp_path / "nope")
+
+
+def test_a_file_is_not_a_folder(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ModelError, match="not a folder"):
+        inspect(tmp_path / "f")
+
+
+def test_empty_folder_has_no_config(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        inspect(tmp_path)
+
+
+def test_corrupt_config(copy):
+    folder = copy()
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        inspect(folder)
+
+
+def test_non_phi_architecture(copy):
+    folder = copy()
+    edit_config(folder, architectures=["LlamaForCausalLM"], model_type="llama")
+    with pytest.raises(ModelError, match="LlamaForCausalLM is not a Phi model"):
+        inspect(folder)
+
+
+def test_known_but_unbuildable_phi_says_why(copy):
+    folder = copy()
+    edit_config(folder, architectures=["PhiMoEForCausalLM"])
+    with pytest.raises(ModelError, match="phi-3.5-moe.*cannot be built yet: .*CUDA"):
+        inspect(folder)
+
+
+def test_no_weights(copy):
+    folder = copy()
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="no weights"):
+        inspect(folder)
+
+
+def test_no_tokenizer(copy):
+    folder = copy()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="no tokenizer"):
+        inspect(folder)
+
+
+def test_vocab_that_the_builder_would_mistake_for_a_layer(copy):
+    folder = copy()
+    edit_config(folder, vocab_size=512 * 2)  # gate_up_proj width of this shrunk model
+    with pytest.raises(ModelError, match="gate_up_proj"):
+        inspect(folder)
+
+
+def test_real_shapes_never_collide():
+    from phiedge import catalog
+
+    for v in catalog.variants().values():
+        if v.buildable:
+            assert lm_head_collisions(v.config) == [], v.name
+
+
+def test_custom_code_is_noted_not_run(copy):
+    folder = copy()
+    edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"})
+    assert "never runs remote code" in inspect(folder).notes[0]
+
+
+def test_published_shape_is_recognised(tmp_path):
+    from phiedge import catalog
+
+    v = catalog.find_variant("phi-3-mini-4k")
+    (tmp_path / "config.json").write_text(json.dumps(v.config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    ck = inspect(tmp_path)
+    assert ck.variant == "phi-3-mini-4k" and not ck.shrunk

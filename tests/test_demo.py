@@ -1,0 +1,21 @@
+import json
+
+from phiedge.cli import cli
+
+
+def test_demo_runs_the_whole_pipeline(runner, tmp_path):
+    """The README's main job: synth, fp32 and int4 builds, parity with transformers, a chat turn."""
+    out = tmp_path / "demo"
+    result = runner.invoke(cli, ["demo", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    fp32, int4 = summary["builds"]["cpu-fp32"], summary["builds"]["cpu-int4"]
+    assert fp32["greedy_identical"] == fp32["greedy_prompts"] == 3
+    assert int4["size_bytes"] < fp32["size_bytes"]
+    assert int4["max_length"] == 4096
+    assert summary["sample"]["new_tokens"] > 0
+    assert summary["sample"]["prompt"].startswith("<|user|>")
+    for name in ("checkpoint", "cpu-fp32", "cpu-int4"):
+        assert (out / name).is_dir()
+    again = runner.invoke(cli, ["demo", "-o", str(out)])
+    assert again.exit_code == 1 and "already exists" in again.output

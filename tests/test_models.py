@@ -1,0 +1,51 @@
+import pytest
+
+from phiedge import catalog
+from phiedge.errors import ConfigError
+from phiedge.models import GB, int4_footprint, parse_size, recommend, rows
+
+
+@pytest.mark.parametrize("text, expected", [("4GB", 4 * GB), ("4 GiB", 4 * GB), ("512MB", 512 * 1024**2),
+                                            ("6", 6 * GB), ("1.5g", int(1.5 * GB))])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_nonsense():
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_size("lots")
+
+
+def test_footprint_counts_the_fp32_embedding_and_kv_cache():
+    mini = int4_footprint(catalog.find_variant("phi-4-mini"))
+    assert mini["kv_cache"] == 2 * 32 * 8 * 128 * 4096 * 4  # layers x kv heads x head dim x tokens x fp32
+    embed_fp32 = 200064 * 3072 * 4
+    assert embed_fp32 < mini["weights"] < embed_fp32 + 3.84e9 * 0.7
+
+
+def test_recommend_picks_the_largest_that_fits_the_task():
+    assert recommend("24GB", "math")["name"] in {"phi-4-reasoning", "phi-4-reasoning-plus"}
+    assert recommend("24GB", "chat")["name"] == "phi-4"
+    small = recommend("8GB", "math")
+    assert small["name"] == "phi-4-mini-reasoning"
+    assert catalog.find_variant(small["name"]).params < 5e9
+    assert small["total_gb"] <= small["ram_budget_gb"]
+    assert "math" in catalog.find_variant(small["name"]).tasks
+
+
+def test_recommend_explains_when_nothing_fits():
+    with pytest.raises(ConfigError, match="no math variant fits 4GB: the smallest, phi-2, needs 3.0 GB"):
+        recommend("4GB", "math")
+    with pytest.raises(ConfigError, match="unknown task"):
+        recommend("8GB", "juggling")
+
+
+def test_recommend_shortens_the_context_before_picking_a_smaller_model():
+    r = recommend("6GB", "chat")
+    assert r["context"] < 4096 and r["total_gb"] <= r["ram_budget_gb"]
+
+
+def test_rows_cover_every_variant():
+    names = {r["name"] for r in rows()}
+    assert names == set(catalog.variants())
+    assert all(("reason" in r) != r["buildable"] for r in rows())

@@ -1,0 +1,42 @@
+from pathlib import Path
+
+from phiedge import catalog
+from phiedge.olive_config import fill
+from phiedge.schema import Int4Settings
+
+
+def test_fill_sets_model_precision_int4_and_folders(tmp_path):
+    target = catalog.find_target("cpu")
+    cfg = fill(catalog.load_recipe("cpu"), target, tmp_path / "model", tmp_path / "work",
+               int4=Int4Settings(block_size=64, accuracy_level=1, symmetric=False, algorithm="k_quant_mixed"))
+    assert cfg["input_model"]["model_path"] == str((tmp_path / "model").resolve())
+    builder = cfg["passes"]["builder"]
+    assert builder["precision"] == "int4"
+    assert (builder["int4_block_size"], builder["int4_accuracy_level"], builder["int4_is_symmetric"],
+            builder["int4_algo_config"]) == (64, 1, False, "k_quant_mixed")
+    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": "false"}
+    assert cfg["output_dir"] == str(tmp_path / "work" / "olive-output")
+    assert cfg["systems"]["local_system"]["accelerators"][0]["execution_providers"] == ["CPUExecutionProvider"]
+
+
+def test_fp32_drops_int4_options():
+    cfg = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"), precision="fp32")
+    builder = cfg["passes"]["builder"]
+    assert builder["precision"] == "fp32"
+    assert not [k for k in builder if k.startswith("int4_")]
+
+
+def test_fill_does_not_modify_the_recipe():
+    recipe = catalog.load_recipe("cpu")
+    fill(recipe, catalog.find_target("cpu"), Path("m"), Path("w"))
+    assert recipe["input_model"]["model_path"] is None
+    assert "output_dir" not in recipe
+
+
+def test_filled_config_is_valid_for_olive(tmp_path):
+    from olive.workflows.run.config import RunConfig
+
+    (tmp_path / "model").mkdir()
+    cfg = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), tmp_path / "model", tmp_path)
+    run = RunConfig.model_validate(cfg)
+    assert run.passes["builder"][0].type.lower() == "modelbuilder"

@@ -1,0 +1,56 @@
+import pytest
+from pydantic import ValidationError
+
+from phiedge.schema import ChatFormat, Int4Settings, Recipe, Target, Variant
+
+TARGET = dict(name="t", description="d", execution_provider="cpu", precision="int4", context_cap=4096, recipe="cpu")
+
+
+def test_unknown_keys_are_rejected_everywhere():
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Target(**TARGET, contxt_cap=1)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Int4Settings(block=32)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        Variant(name="v", hf_id="x/y", family="f", params=1, summary="s", tasks=["chat"], license="MIT",
+                buildable=False, reason="r", paramz=2)
+
+
+@pytest.mark.parametrize("size", [7, 0, 512])
+def test_block_size_must_be_a_power_of_two_in_range(size):
+    with pytest.raises(ValidationError, match="block_size"):
+        Int4Settings(block_size=size)
+
+
+def test_target_values_are_checked():
+    with pytest.raises(ValidationError):
+        Target(**{**TARGET, "context_cap": 0})
+    with pytest.raises(ValidationError):
+        Target(**{**TARGET, "threads": 0})
+    with pytest.raises(ValidationError):
+        Target(**{**TARGET, "execution_provider": "tpu"})
+    assert Target(**TARGET).threads == "auto"
+
+
+def test_buildable_variant_needs_its_config_and_unbuildable_a_reason():
+    base = dict(name="v", hf_id="x/y", family="f", params=1, summary="s", tasks=["chat"], license="MIT")
+    with pytest.raises(ValidationError, match="lacks config keys"):
+        Variant(**base, buildable=True, config={"architectures": ["Phi3ForCausalLM"]})
+    with pytest.raises(ValidationError, match="must say why"):
+        Variant(**base, buildable=False)
+
+
+def test_chat_format_tokens_must_be_special():
+    with pytest.raises(ValidationError, match="not among special_tokens"):
+        ChatFormat(name="c", description="d", special_tokens=["<a>"], bos_token="<a>", eos_tokens=["<b>"],
+                   pad_token="<a>", template="{{ x }}")
+
+
+def test_recipe_needs_model_builder_and_known_systems():
+    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
+                host="s", target="s")
+    with pytest.raises(ValidationError, match="ModelBuilder"):
+        Recipe(**base, passes={"q": {"type": "OnnxQuantization"}})
+    with pytest.raises(ValidationError, match="not one of the systems"):
+        Recipe(**{**base, "host": "elsewhere"}, passes={"b": {"type": "ModelBuilder"}})
+    Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4"}})
