@@ -135,3 +135,11 @@ def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_olive_runs_offline_without_telemetry(tmp_path, monkeypatch):
+    monkeypatch.delenv("OLIVE_DISABLE_TELEMETRY", raising=False)
+    env = build_mod.olive_env(tmp_path)
+    for key in ("OLIVE_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY", "ORTGENAI_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
+        assert env[key] == "1", key
+    assert env["HF_HOME"].startswith(str(tmp_path))  # the builder's cache stays inside the build

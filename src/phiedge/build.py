@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config
+from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config, telemetry
 from .checkpoint import Checkpoint, inspect
 from .catalog import pydantic_problems
 from .errors import BuildError, ConfigError
@@ -94,9 +94,8 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
 
 def olive_env(workdir: Path) -> dict[str, str]:
     """Offline, no telemetry, and a Hugging Face cache of the build's own (the builder writes there)."""
-    env = dict(os.environ)
+    env = telemetry.opt_out(dict(os.environ))
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_HUB_DISABLE_TELEMETRY="1", OLIVE_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1",
                HF_HOME=str(workdir / "hf-home"), PYTHONUNBUFFERED="1")
     return env
 

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from . import __version__
+from . import __version__, telemetry
 from .errors import PhiedgeError
 from .progress import Progress
 
@@ -45,6 +45,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
 @click.version_option(__version__, prog_name="phiedge")
 def cli():
     """Phi models from a Hugging Face checkpoint to a validated int4 ONNX model for edge devices."""
+    telemetry.opt_out()
 
 
 @cli.command()
@@ -67,11 +68,9 @@ def models(as_json, recommend, ram, task):
                          f"{r['ram_budget_gb']} GB budget. {r['why']}")
         return
     data = rows()
-    for row in data:
-        row["status"] = "ok" if row["buildable"] else f"not yet: {row['reason']}"
-        row["tasks_"] = ",".join(row["tasks"])
-    emit(data, as_json, table(data, ["name", "hf_id", "params_b", "int4_gb", "context", "tasks_", "status"])
-         .replace("tasks_", "tasks "))
+    shown = [{**row, "tasks": ",".join(row["tasks"]),
+              "status": "ok" if row["buildable"] else f"not yet: {row['reason']}"} for row in data]
+    emit(data, as_json, table(shown, ["name", "hf_id", "params_b", "int4_gb", "context", "tasks", "status"]))
 
 
 @cli.command()

@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
 
-import onnxruntime_genai as og
+# Opt out of ONNX Runtime and ONNX Runtime GenAI telemetry unless the user chose otherwise.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("ORTGENAI_DISABLE_TELEMETRY", "1")
+
+import onnxruntime_genai as og  # noqa: E402
 
 
 def load(model_dir: str, threads: int | None = None) -> tuple[og.Model, og.Tokenizer]:
