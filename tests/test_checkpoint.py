@@ -103,3 +103,26 @@ def test_published_shape_is_recognised(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     ck = inspect(tmp_path)
     assert ck.variant == "phi-3-mini-4k" and not ck.shrunk
+
+
+def test_shared_shapes_prefer_the_named_model_then_the_base(tmp_path):
+    from phiedge import catalog
+
+    cfg = dict(catalog.find_variant("phi-4-mini").config)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert inspect(tmp_path).variant == "phi-4-mini"  # same shape as phi-4-mini-reasoning: the base
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "_name_or_path": "microsoft/Phi-4-mini-reasoning"}))
+    assert inspect(tmp_path).variant == "phi-4-mini-reasoning"
+
+
+def test_unshrunk_synth_is_not_marked_shrunk(tmp_path):
+    from phiedge import catalog
+
+    (tmp_path / "config.json").write_text(json.dumps(catalog.find_variant("phi-2").config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "phiedge_synth.json").write_text(json.dumps({"like": "phi-2"}))
+    ck = inspect(tmp_path)
+    assert (ck.variant, ck.shrunk) == ("phi-2", False)

@@ -79,15 +79,33 @@ def read_config(path: Path) -> dict:
     return config
 
 
-def match_variant(config: dict) -> Variant | None:
+def match_variant(config: dict) -> list[Variant]:
+    """Catalog variants whose published shape this config has (fine-tunes share a base's shape)."""
     keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "vocab_size", "max_position_embeddings")
-    for v in catalog.variants().values():
-        if v.buildable and all(v.config.get(k) == config.get(k) for k in keys) and \
-                (v.config.get("num_key_value_heads") or v.config["num_attention_heads"]) == \
-                (config.get("num_key_value_heads") or config["num_attention_heads"]):
-            return v
-    return None
+
+    def kv(cfg: dict) -> int:
+        return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+
+    return [v for v in catalog.variants().values()
+            if v.buildable and all(v.config.get(k) == config.get(k) for k in keys) and kv(v.config) == kv(config)]
+
+
+def identify(path: Path, config: dict) -> tuple[Variant | None, bool]:
+    """(variant, shrunk): from phiedge's synth record, the hub id the config names, or the shape."""
+    synth = path / SYNTH_FILE
+    if synth.is_file():
+        try:
+            like = catalog.find_variant(json.loads(synth.read_text())["like"])
+            return like, not match_variant(config)
+        except (KeyError, ValueError, OSError, PhiedgeError):
+            pass
+    matches = match_variant(config)
+    named = str(config.get("_name_or_path", "")).lower()
+    for v in matches:
+        if named in {a.lower() for a in [v.hf_id, *v.aliases]}:
+            return v, False
+    return (min(matches, key=lambda v: len(v.name)), False) if matches else (None, False)
 
 
 def inspect(path: str | Path) -> Checkpoint:
@@ -118,12 +136,6 @@ def inspect(path: str | Path) -> Checkpoint:
     if config.get("auto_map"):
         notes.append("config.json names custom code (auto_map); phiedge uses transformers' built-in "
                      f"{arch} instead and never runs remote code")
-    variant, shrunk = match_variant(config), False
-    synth = path / SYNTH_FILE
-    if variant is None and synth.is_file():
-        try:
-            variant, shrunk = catalog.find_variant(json.loads(synth.read_text())["like"]), True
-        except (KeyError, ValueError, OSError, PhiedgeError):
-            variant = None
+    variant, shrunk = identify(path, config)
     return Checkpoint(path=path.resolve(), config=config, architecture=arch,
                       variant=variant.name if variant else None, shrunk=shrunk, notes=tuple(notes))
