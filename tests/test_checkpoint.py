@@ -126,3 +126,13 @@ def test_unshrunk_synth_is_not_marked_shrunk(tmp_path):
     (tmp_path / "phiedge_synth.json").write_text(json.dumps({"like": "phi-2"}))
     ck = inspect(tmp_path)
     assert (ck.variant, ck.shrunk) == ("phi-2", False)
+
+
+def test_extended_context_without_longrope_is_refused(copy):
+    folder = copy("phi-3-mini-4k")
+    edit_config(folder, max_position_embeddings=32768, original_max_position_embeddings=None, rope_scaling=None)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["original_max_position_embeddings"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match="without LongRoPE"):
+        inspect(folder)

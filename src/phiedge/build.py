@@ -19,7 +19,8 @@ from .checkpoint import Checkpoint, inspect
 from .catalog import pydantic_problems
 from .errors import BuildError, ConfigError
 from .progress import Progress
-from .schema import Int4Settings, Target
+from .schema import Int4Settings, Target, Thresholds, ValidationSettings
+from .validate import REPORT, raise_on_failure, validate
 from .workspace import check_output, staged_dir
 
 RECORD = "phiedge_build.json"
@@ -39,6 +40,8 @@ class BuildOptions:
     int4: dict = field(default_factory=dict)  # block_size, accuracy_level, symmetric, algorithm
     context_cap: int | None = None
     threads: int | None = None
+    validate: bool = True  # compare with the checkpoint in transformers; fail the build on a crossed threshold
+    thresholds: dict = field(default_factory=dict)  # overrides of the target's thresholds for this precision
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ class Plan:
     context_cap: int
     threads: int
     recipe: dict
+    validation: ValidationSettings
 
     def olive_config(self, workdir: Path) -> dict:
         return olive_config.fill(self.recipe, self.target, self.checkpoint.path, workdir, self.precision, self.int4)
@@ -87,9 +91,17 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         threads = os.cpu_count() or 1
     if threads < 1:
         problems.append(f"threads must be at least 1, not {threads}")
+    try:
+        limits = Thresholds(**{**target.validation.thresholds.get(precision, Thresholds()).model_dump(),
+                               **options.thresholds})
+    except ValidationError as exc:
+        problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
+        limits = Thresholds()
     if problems:
         raise ConfigError("build options", problems)
-    return Plan(target, checkpoint, precision, int4, cap, threads, catalog.load_recipe(target.recipe))
+    validation = target.validation.model_copy(
+        update={"thresholds": {**target.validation.thresholds, precision: limits}})
+    return Plan(target, checkpoint, precision, int4, cap, threads, catalog.load_recipe(target.recipe), validation)
 
 
 def olive_env(workdir: Path) -> dict[str, str]:
@@ -168,6 +180,13 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         found = checks.check_model_dir(tmp)
         checks.smoke_generate(tmp)
         shutil.rmtree(work)
+        report = None
+        if options.validate:
+            progress.step(f"validating against {p.checkpoint.path} in transformers")
+            report = validate(tmp, p.checkpoint.path, p.precision, p.validation)
+            report["built"] = str(out.resolve())
+            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            raise_on_failure(report)
         record = {
             "phiedge_version": __version__,
             "target": p.target.name,
@@ -180,7 +199,10 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                        "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
                        "notes": list(p.checkpoint.notes)},
             "fixes": {"layernorm_epsilon_nodes": fixed},
-            "files": found["files"] + [RECORD],
+            "validation": None if report is None else {
+                "passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
+                **{k: v for k, v in report["metrics"].items() if k != "prompts"}},
+            "files": sorted(found["files"] + [RECORD] + ([REPORT] if report else [])),
             "size_bytes": sum((tmp / f).stat().st_size for f in files),
             "build_seconds": round(time.perf_counter() - started, 1),
             "versions": stack_versions(),

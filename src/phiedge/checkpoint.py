@@ -132,6 +132,11 @@ def inspect(path: str | Path) -> Checkpoint:
     if collisions:
         raise ModelError(f"{path}: vocab_size {config['vocab_size']} equals the width of {', '.join(collisions)}; "
                          "the ONNX Runtime GenAI builder would take that layer for the LM head")
+    if arch == "Phi3ForCausalLM" and not config.get("rope_scaling") and \
+            config["max_position_embeddings"] != config.get("original_max_position_embeddings", 4096):
+        raise ModelError(f"{path}/config.json: max_position_embeddings {config['max_position_embeddings']} differs "
+                         f"from original_max_position_embeddings {config.get('original_max_position_embeddings', '(absent: 4096)')} "
+                         "without LongRoPE rope_scaling; the model builder would take the LongRoPE path and fail")
     notes = []
     if config.get("auto_map"):
         notes.append("config.json names custom code (auto_map); phiedge uses transformers' built-in "

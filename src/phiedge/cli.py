@@ -29,6 +29,23 @@ def errors_to_click(fn):
     return wrapper
 
 
+def parse_thresholds(values: tuple[str, ...]) -> dict:
+    """NAME=VALUE pairs from --threshold; names and ranges are checked by the schema."""
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected NAME=NUMBER, got {item!r}", param_hint="--threshold") from None
+        if not sep:
+            raise click.BadParameter(f"expected NAME=NUMBER, got {item!r}", param_hint="--threshold")
+    return out
+
+
+THRESHOLD_HELP = "Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy)."
+
+
 def emit(data, as_json: bool, text: str) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else text)
 
@@ -113,6 +130,23 @@ def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, 
 
 
 @cli.command()
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Checkpoint folder to write.")
+@click.option("--like", default="phi-4-mini", show_default=True, help="Variant whose architecture to copy.")
+@click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps (16 x 128 tokens each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and batches.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@errors_to_click
+def train(out, like, steps, seed, force):
+    """Train a small Phi-shaped model on the Python standard library (minutes on 2 cores)."""
+    from .train import train as run_train
+
+    if steps < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--steps")
+    click.echo(json.dumps(run_train(out, like, steps=steps, seed=seed, force=force,
+                                    progress=Progress().iterate), indent=2))
+
+
+@cli.command()
 @click.option("--target", "target_name", required=True, help="Device target (see `phiedge targets`).")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Hugging Face checkpoint folder.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None, help="Model folder to write.")
@@ -124,12 +158,14 @@ def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, 
 @click.option("--algorithm", default=None, help="int4 algorithm: default, rtn, rtn_last, k_quant, k_quant_mixed.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison with the checkpoint in transformers.")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm, context_cap,
-          threads, dry_run, force, quiet):
+          threads, no_validate, thresholds, dry_run, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -138,7 +174,8 @@ def build(target_name, model_dir, out, precision, block_size, accuracy_level, sy
 
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm).items() if v is not None}
-    options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads)
+    options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads,
+                           validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if dry_run:
         click.echo(json.dumps(plan(model_dir, target_name, options).olive_config(Path("<workdir>")), indent=2))
         return
@@ -146,6 +183,30 @@ def build(target_name, model_dir, out, precision, block_size, accuracy_level, sy
         raise click.UsageError("Missing option '-o' / '--output' (not needed with --dry-run).")
     record = run_build(model_dir, target_name, out, options, force=force, progress=Progress(quiet))
     click.echo(json.dumps(record, indent=2))
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("--reference", required=True, type=click.Path(), help="The original Hugging Face checkpoint folder.")
+@click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
+@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+              help="Precision whose thresholds apply (default: the build's).")
+@click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="Evaluation text file (default: held-out Python standard library source).")
+@click.option("--json", "json_file", type=click.Path(), default=None, help="Also write the full report here.")
+@errors_to_click
+def validate(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
+    """Compare a built model with its original checkpoint; exit non-zero if a threshold is crossed."""
+    from pathlib import Path
+
+    from .validate import raise_on_failure, summary_lines, validate_build
+
+    report = validate_build(model_dir, reference, target_name, precision, parse_thresholds(thresholds), text_file)
+    if json_file:
+        Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
+    click.echo("\n".join(summary_lines(report)))
+    raise_on_failure(report)
 
 
 @cli.command()

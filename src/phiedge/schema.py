@@ -6,7 +6,7 @@ setting (olive-recipes' `info.yml` vs `info.yaml` drift is the cautionary tale).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -83,6 +83,25 @@ class Int4Settings(Strict):
         return v
 
 
+class Thresholds(Strict):
+    """Limits a built model must meet against its reference; None leaves a metric unchecked."""
+
+    MINIMA: ClassVar[frozenset[str]] = frozenset({"top1", "greedy"})
+
+    kl_mean: float | None = Field(None, gt=0, description="max mean KL(reference || built) per position")
+    kl_p99: float | None = Field(None, gt=0, description="max 99th percentile of the per-position KL")
+    top1: float | None = Field(None, ge=0, le=1, description="min share of positions with the same top token")
+    ppl_ratio: float | None = Field(None, ge=1, description="max perplexity(built) / perplexity(reference)")
+    greedy: float | None = Field(None, ge=0, le=1, description="min share of prompts with identical greedy tokens")
+
+
+class ValidationSettings(Strict):
+    eval_tokens: int = Field(2048, ge=16, description="held-out tokens scored for KL, top-1 and perplexity")
+    window: int = Field(512, ge=8, description="tokens per forward pass")
+    greedy_tokens: int = Field(32, ge=1, description="new tokens per greedy prompt")
+    thresholds: dict[Literal["int4", "fp32", "fp16"], Thresholds] = {}
+
+
 class Bundle(Strict):
     layout: Literal["flat"] = "flat"
 
@@ -98,6 +117,7 @@ class Target(Strict):
     context_cap: int = Field(gt=0, description="search.max_length written into genai_config.json")
     threads: int | Literal["auto"] = Field("auto", description="intra-op threads; auto = the build machine's cores")
     recipe: str = Field(description="path of the Olive workflow under recipes/, without extension")
+    validation: ValidationSettings = ValidationSettings()
     bundle: Bundle = Bundle()
 
     @field_validator("threads")

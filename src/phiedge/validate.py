@@ -1,0 +1,218 @@
+"""`phiedge validate`: does the built model still behave like the original checkpoint?
+
+Both run on the same token ids: the built model in onnxruntime-genai, the checkpoint in transformers
+(PyTorch, fp32). Measured: greedy agreement on prompts; over every position of an evaluation text,
+KL(reference || built) of the next-token distributions (mean, 99th percentile), top-1 agreement and
+the change in the probability of the correct token; the perplexity of both; the size on disk.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from .checkpoint import SYNTH_FILE
+from .errors import PhiedgeError
+from .reference import PROMPTS, common_prefix, load_reference, reference_greedy
+from .schema import Thresholds, ValidationSettings
+
+REPORT = "validation.json"
+ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, in float64
+
+
+class ValidationFailed(PhiedgeError):
+    """A metric crossed its threshold; the message names each one and by how much."""
+
+
+@dataclass
+class Sums:
+    """Running sums over positions, so windows never need to be held together."""
+
+    kl: list
+    top1: int = 0
+    prob_change: float = 0.0
+    nll_ref: float = 0.0
+    nll_built: float = 0.0
+    n: int = 0
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, targets: np.ndarray) -> None:
+    """Add one window's positions: logits [T, V] of each model, targets [T] (the next token ids)."""
+    for start in range(0, len(targets), ROWS_PER_CHUNK):
+        sl = slice(start, start + ROWS_PER_CHUNK)
+        lp, lq = log_softmax(ref_logits[sl]), log_softmax(built_logits[sl])
+        p = np.exp(lp)
+        sums.kl.extend(np.maximum((p * (lp - lq)).sum(axis=-1), 0.0).tolist())
+        sums.top1 += int((lp.argmax(-1) == lq.argmax(-1)).sum())
+        rows = np.arange(lp.shape[0])
+        t = targets[sl]
+        sums.prob_change += float((np.exp(lq[rows, t]) - p[rows, t]).sum())
+        sums.nll_ref -= float(lp[rows, t].sum())
+        sums.nll_built -= float(lq[rows, t].sum())
+        sums.n += len(t)
+
+
+def built_logits(model, ids: list[int]) -> np.ndarray:
+    """Logits at every position of one prefill, [T, V]."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    return np.asarray(generator.get_output("logits"))[0]
+
+
+def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
+    import torch
+
+    sums = Sums(kl=[])
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window + 1]
+        if len(chunk) < 2:
+            break
+        inputs, targets = chunk[:-1], np.array(chunk[1:])
+        with torch.no_grad():
+            ref = reference(torch.tensor([inputs])).logits[0].numpy()
+        out = built_logits(model, inputs)
+        vocab = min(ref.shape[-1], out.shape[-1])
+        accumulate(sums, ref[:, :vocab], out[:, :vocab], targets)
+    kl = np.array(sums.kl)
+    ppl_ref, ppl_built = float(np.exp(sums.nll_ref / sums.n)), float(np.exp(sums.nll_built / sums.n))
+    return {"positions": sums.n, "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
+            "kl_max": float(kl.max()), "top1": sums.top1 / sums.n,
+            "correct_token_prob_change": sums.prob_change / sums.n,
+            "perplexity_reference": ppl_ref, "perplexity_built": ppl_built, "ppl_ratio": ppl_built / ppl_ref}
+
+
+def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_tokens: int) -> dict:
+    from .generate import generate
+
+    rows = []
+    for text in prompts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        built = list(generate(model, ids, n_tokens))
+        ref = reference_greedy(reference, ids, n_tokens)
+        rows.append({"prompt": text, "agree": common_prefix(built, ref), "of": len(ref), "identical": built == ref})
+    return {"prompts": rows, "greedy": sum(r["identical"] for r in rows) / len(rows)}
+
+
+def check(metrics: dict, limits: Thresholds) -> list[str]:
+    """Each crossed threshold as a sentence that says which metric and by how much."""
+    failures = []
+    for name, value in limits.model_dump().items():
+        if value is None:
+            continue
+        got = metrics[name]
+        if name in Thresholds.MINIMA and got < value:
+            failures.append(f"{name} {got:.4g} is below the minimum {value:.4g}")
+        elif name not in Thresholds.MINIMA and got > value:
+            failures.append(f"{name} {got:.4g} exceeds the maximum {value:.4g} ({got / value:.2g}x)")
+    return failures
+
+
+def random_weights(reference_dir: Path) -> bool:
+    record = reference_dir / SYNTH_FILE
+    return record.is_file() and "trained" not in json.loads(record.read_text())
+
+
+def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, settings: ValidationSettings,
+             eval_ids: list[int] | None = None) -> dict:
+    """Measure, compare with the thresholds for this precision, and return the report."""
+    from transformers import AutoTokenizer
+
+    from .generate import load
+    from .train import eval_ids as held_out_ids
+
+    built_dir, reference_dir = Path(built_dir), Path(reference_dir)
+    model, _ = load(str(built_dir))
+    reference = load_reference(reference_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
+    ids = eval_ids if eval_ids is not None else held_out_ids(reference_dir, settings.eval_tokens)
+    max_length = json.loads((built_dir / "genai_config.json").read_text())["search"]["max_length"]
+    window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
+    metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
+               **distribution_metrics(model, reference, ids, window)}
+    limits = settings.thresholds.get(precision, Thresholds())
+    failures = check(metrics, limits)
+    # On random weights every next-token distribution is nearly flat: quantization flips the argmax
+    # at will and its error says nothing. An export must still be exact, so fp32 is always enforced.
+    enforced = precision == "fp32" or not random_weights(reference_dir)
+    return {
+        "built": str(built_dir), "reference": str(reference_dir), "precision": precision,
+        "size_bytes": sum(f.stat().st_size for f in built_dir.iterdir() if f.is_file()),
+        "metrics": metrics, "thresholds": limits.model_dump(), "failures": failures, "enforced": enforced,
+        "passed": not failures,
+        "note": None if enforced else "random-weight reference: quantized-model thresholds not enforced",
+    }
+
+
+def raise_on_failure(report: dict) -> None:
+    if report["enforced"] and report["failures"]:
+        raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): "
+                               + "; ".join(report["failures"]))
+
+
+def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name: str | None = None,
+                   precision: str | None = None, overrides: dict | None = None,
+                   text_file: str | Path | None = None) -> dict:
+    """Validate a folder written by `phiedge build`, with its target's settings unless told otherwise."""
+    from . import catalog
+    from .build import RECORD
+    from .catalog import pydantic_problems
+    from .checkpoint import inspect
+    from .errors import ConfigError, ModelError
+
+    built_dir = Path(built_dir)
+    if not (built_dir / "genai_config.json").is_file():
+        raise ModelError(f"{built_dir} is not a built model folder (no genai_config.json)")
+    inspect(reference_dir)
+    record_path = built_dir / RECORD
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    target = catalog.find_target(target_name or record.get("target", "cpu"))
+    precision = precision or record.get("precision") or target.precision
+    settings = target.validation
+    try:
+        limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **(overrides or {})})
+    except ValidationError as exc:
+        raise ConfigError("--threshold", pydantic_problems(exc)) from None
+    settings = settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits}})
+    ids = None
+    if text_file is not None:
+        from transformers import AutoTokenizer
+
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--text", [f"cannot read {text_file}: {exc.strerror}"]) from None
+        ids = AutoTokenizer.from_pretrained(str(reference_dir))(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 16:
+            raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
+        ids = ids[:settings.eval_tokens]
+    return validate(built_dir, reference_dir, precision, settings, ids)
+
+
+def summary_lines(report: dict) -> list[str]:
+    m = report["metrics"]
+    verdict = "PASS" if report["passed"] else ("FAIL" if report["enforced"] else "not enforced")
+    return [
+        f"built      {report['built']} ({report['precision']}, {report['size_bytes'] / 1e6:.1f} MB)",
+        f"greedy     {sum(r['identical'] for r in m['prompts'])}/{len(m['prompts'])} prompts identical; "
+        f"agreeing tokens {[r['agree'] for r in m['prompts']]} of {m['prompts'][0]['of']}",
+        f"KL         mean {m['kl_mean']:.3g}, p99 {m['kl_p99']:.3g}, max {m['kl_max']:.3g} over {m['positions']} positions",
+        f"top-1      {m['top1']:.4f}; correct-token probability change {m['correct_token_prob_change']:+.3g}",
+        f"perplexity reference {m['perplexity_reference']:.3f}, built {m['perplexity_built']:.3f}, "
+        f"ratio {m['ppl_ratio']:.4f}",
+        f"verdict    {verdict}" + (": " + "; ".join(report["failures"]) if report["failures"] else "")
+        + (f" ({report['note']})" if report["note"] else ""),
+    ]
