@@ -40,3 +40,14 @@ def test_filled_config_is_valid_for_olive(tmp_path):
     cfg = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), tmp_path / "model", tmp_path)
     run = RunConfig.model_validate(cfg)
     assert run.passes["builder"][0].type.lower() == "modelbuilder"
+
+
+def test_embedding_and_float_node_choices_reach_the_builder():
+    cfg = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"),
+               int4=Int4Settings(algorithm="rtn_last", shared_embeddings=False, float_nodes=["/lm_head/MatMul"]))
+    builder = cfg["passes"]["builder"]
+    assert builder["int4_nodes_to_exclude"] == ["/lm_head/MatMul"]
+    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": "false", "shared_embeddings": False}
+    default = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"))
+    assert "shared_embeddings" not in default["passes"]["builder"]["extra_options"]
+    assert "int4_nodes_to_exclude" not in default["passes"]["builder"]

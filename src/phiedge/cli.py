@@ -155,7 +155,11 @@ def train(out, like, steps, seed, force):
 @click.option("--block-size", type=int, default=None, help="int4 block size (16, 32, 64, 128 or 256).")
 @click.option("--accuracy-level", type=int, default=None, help="int4 MatMul compute: 1 fp32 .. 4 int8.")
 @click.option("--symmetric/--asymmetric", default=None, help="int4 with or without zero points.")
-@click.option("--algorithm", default=None, help="int4 algorithm: default, rtn, rtn_last, k_quant, k_quant_mixed.")
+@click.option("--algorithm", default=None,
+              help="int4 algorithm: default, rtn, rtn_last, k_quant, k_quant_mixed, k_quant_last (*_last: 8-bit LM head).")
+@click.option("--shared-embeddings/--separate-embeddings", default=None,
+              help="Embedding table shares the quantized LM head, or stays separate (default: the builder's).")
+@click.option("--float-node", "float_nodes", multiple=True, help="Keep this MatMul unquantized, e.g. /lm_head/MatMul.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with the checkpoint in transformers.")
@@ -164,8 +168,8 @@ def train(out, like, steps, seed, force):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
-def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm, context_cap,
-          threads, no_validate, thresholds, dry_run, force, quiet):
+def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
+          shared_embeddings, float_nodes, context_cap, threads, no_validate, thresholds, dry_run, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -173,7 +177,8 @@ def build(target_name, model_dir, out, precision, block_size, accuracy_level, sy
     from .build import build as run_build
 
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
-                                  algorithm=algorithm).items() if v is not None}
+                                  algorithm=algorithm, shared_embeddings=shared_embeddings,
+                                  float_nodes=list(float_nodes) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads,
                            validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if dry_run:

@@ -22,7 +22,15 @@ def builder_options(precision: str, int4: Int4Settings) -> dict:
     if precision == "int4":
         options.update(int4_block_size=int4.block_size, int4_accuracy_level=int4.accuracy_level,
                        int4_is_symmetric=int4.symmetric, int4_algo_config=int4.algorithm)
+        if int4.float_nodes:
+            options["int4_nodes_to_exclude"] = list(int4.float_nodes)
     return options
+
+
+def builder_extra_options(precision: str, int4: Int4Settings) -> dict:
+    if precision == "int4" and int4.shared_embeddings is not None:
+        return {"shared_embeddings": int4.shared_embeddings}
+    return {}
 
 
 def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision: str | None = None,
@@ -42,6 +50,8 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
     for key in [k for k in builder if k.startswith("int4_")]:
         del builder[key]
     builder.update(builder_options(precision, int4))
+    extra = {k: v for k, v in builder.get("extra_options", {}).items() if k != "shared_embeddings"}
+    builder["extra_options"] = {**extra, **builder_extra_options(precision, int4)}
     config["cache_dir"] = str(workdir / "olive-cache")
     config["output_dir"] = str(workdir / "olive-output")
     return config

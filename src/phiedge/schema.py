@@ -73,7 +73,13 @@ class Int4Settings(Strict):
     block_size: int = Field(32, description="weights per scale; one of 16, 32, 64, 128, 256")
     accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits compute type: 1 fp32, 2 fp16, 3 bf16, 4 int8")
     symmetric: bool = True
-    algorithm: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = "default"
+    algorithm: Literal["default", "rtn", "rtn_last", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
+        "default", description="builder's int4_algo_config; *_last keep the LM head at 8 bits, k_quant_mixed "
+                               "also some attention/MLP layers (llama.cpp's Q4_K_M choice)")
+    shared_embeddings: bool | None = Field(
+        None, description="embedding table shares the quantized LM head (None: the builder's choice)")
+    float_nodes: list[str] = Field(
+        default_factory=list, description="MatMul nodes kept unquantized, e.g. /lm_head/MatMul")
 
     @field_validator("block_size")
     @classmethod
