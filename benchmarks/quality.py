@@ -23,7 +23,7 @@ from phiedge.build import BuildOptions, build
 from phiedge.errors import PhiedgeError
 from phiedge.validate import validate
 
-# (name, precision, int4 overrides of the cpu target)
+# (name, precision, int4 overrides of the cpu target[, recipe])
 SETTINGS = [
     ("fp32", "fp32", {}),
     ("rtn b32 (builder default)", "int4", {"algorithm": "default", "block_size": 32}),
@@ -36,6 +36,8 @@ SETTINGS = [
     ("k-quant b32", "int4", {"algorithm": "k_quant", "block_size": 32}),
     ("k-quant mixed b32", "int4", {"algorithm": "k_quant_mixed", "block_size": 32}),
     ("k-quant mixed b128", "int4", {"algorithm": "k_quant_mixed", "block_size": 128}),
+    ("GPTQ b32 (Olive, stdlib calibration)", "int4", {"algorithm": "default", "block_size": 32}, "cpu-gptq"),
+    ("GPTQ b32 + 8-bit LM head", "int4", {"algorithm": "rtn_last", "block_size": 32}, "cpu-gptq"),
 ]
 
 
@@ -55,16 +57,16 @@ def weight_bytes(onnx_path: Path) -> int:
     return total
 
 
-def measure(model_dir: str, workdir: Path, name: str, precision: str, int4: dict) -> dict:
-    out = workdir / name.replace(" ", "_").replace("(", "").replace(")", "")
+def measure(model_dir: str, workdir: Path, name: str, precision: str, int4: dict, recipe: str | None = None) -> dict:
+    out = workdir / "".join(c if c.isalnum() else "_" for c in name)
     try:
-        build(model_dir, "cpu", out, BuildOptions(precision=precision, int4=int4, validate=False))
+        build(model_dir, "cpu", out, BuildOptions(precision=precision, int4=int4, recipe=recipe, validate=False))
     except PhiedgeError as exc:  # a setting the builder cannot apply to this shape is a result too
         return {"setting": name, "precision": precision, "int4": int4, "error": str(exc)}
     settings = catalog.find_target("cpu").validation
     report = validate(out, model_dir, precision, settings.model_copy(update={"thresholds": {}}))
     m = report["metrics"]
-    return {"setting": name, "precision": precision, "int4": int4, "file_bytes": report["size_bytes"],
+    return {"setting": name, "precision": precision, "int4": int4, "recipe": recipe or "cpu", "file_bytes": report["size_bytes"],
             "weight_bytes": weight_bytes(out / "model.onnx"), "kl_mean": m["kl_mean"], "kl_p99": m["kl_p99"],
             "top1": m["top1"], "ppl_ratio": m["ppl_ratio"], "greedy": m["greedy"],
             "correct_token_prob_change": m["correct_token_prob_change"], "positions": m["positions"]}
@@ -97,8 +99,8 @@ def main() -> int:
 
             model_dir = train(Path(tmp) / "trained", steps=args.steps)["path"]
         rows = []
-        for name, precision, int4 in SETTINGS:
-            row = measure(model_dir, Path(tmp), name, precision, int4)
+        for name, precision, int4, *recipe in SETTINGS:
+            row = measure(model_dir, Path(tmp), name, precision, int4, *recipe)
             rows.append(row)
             if not args.markdown:
                 print(json.dumps(row), flush=True)

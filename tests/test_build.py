@@ -79,6 +79,8 @@ def test_context_cap_and_threads_options(checkpoints, tmp_path):
     (BuildOptions(context_cap=0), "context cap"),
     (BuildOptions(precision="fp16"), "precision fp16"),
     (BuildOptions(threads=0), "threads"),
+    (BuildOptions(calibration="/nonexistent/calib.txt"), "calibration file"),
+    (BuildOptions(thresholds={"top1": 2.0}), "threshold"),
 ])
 def test_bad_options_are_config_errors(checkpoints, options, words):
     with pytest.raises(ConfigError, match=words):

@@ -51,3 +51,13 @@ def test_embedding_and_float_node_choices_reach_the_builder():
     default = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"))
     assert "shared_embeddings" not in default["passes"]["builder"]["extra_options"]
     assert "int4_nodes_to_exclude" not in default["passes"]["builder"]
+
+
+def test_gptq_recipe_gets_calibration_file_and_block_settings(tmp_path):
+    from phiedge.olive_config import calibration_file
+
+    cfg = fill(catalog.load_recipe("cpu-gptq"), catalog.find_target("cpu"), tmp_path / "m", tmp_path,
+               int4=Int4Settings(block_size=64, symmetric=False))
+    assert cfg["data_configs"][0]["load_dataset_config"]["data_files"] == str(calibration_file(tmp_path))
+    assert (cfg["passes"]["gptq"]["group_size"], cfg["passes"]["gptq"]["sym"]) == (64, False)
+    assert list(cfg["passes"]) == ["gptq", "builder"]

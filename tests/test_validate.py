@@ -112,3 +112,18 @@ def test_not_a_model_folder(tmp_path, trained):
 
     with pytest.raises(ModelError, match="not a built model folder"):
         validate_build(tmp_path, trained)
+
+
+def test_gptq_recipe_runs_offline_and_passes(trained, tmp_path):
+    """Olive's calibrated GPTQ on CPU with stdlib calibration text, then the builder; validated."""
+    record = build(trained, "cpu", tmp_path / "gptq", BuildOptions(recipe="cpu-gptq"))
+    assert record["recipe"] == "cpu-gptq" and record["olive_passes"] == ["gptq", "builder"]
+    assert record["validation"]["enforced"] and record["validation"]["passed"]
+
+
+def test_unknown_recipe_lists_the_known_ones(trained, tmp_path):
+    from phiedge.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="known: cpu, cpu-gptq"):
+        build(trained, "cpu", tmp_path / "x", BuildOptions(recipe="cpu-awq"))
+    assert list(tmp_path.iterdir()) == []

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config, telemetry
 from .checkpoint import Checkpoint, inspect
+from .corpus import write_calibration
 from .catalog import pydantic_problems
 from .errors import BuildError, ConfigError
 from .progress import Progress
@@ -40,6 +41,8 @@ class BuildOptions:
     int4: dict = field(default_factory=dict)  # block_size, accuracy_level, symmetric, algorithm
     context_cap: int | None = None
     threads: int | None = None
+    recipe: str | None = None  # another workflow under recipes/ (e.g. cpu-gptq) instead of the target's
+    calibration: str | None = None  # text file for calibrated recipes (default: stdlib training split)
     validate: bool = True  # compare with the checkpoint in transformers; fail the build on a crossed threshold
     thresholds: dict = field(default_factory=dict)  # overrides of the target's thresholds for this precision
 
@@ -52,6 +55,7 @@ class Plan:
     int4: Int4Settings
     context_cap: int
     threads: int
+    recipe_name: str
     recipe: dict
     validation: ValidationSettings
 
@@ -97,11 +101,15 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     except ValidationError as exc:
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
         limits = Thresholds()
+    if options.calibration is not None and not Path(options.calibration).is_file():
+        problems.append(f"calibration file {options.calibration} does not exist")
     if problems:
         raise ConfigError("build options", problems)
+    recipe_name = options.recipe or target.recipe
     validation = target.validation.model_copy(
         update={"thresholds": {**target.validation.thresholds, precision: limits}})
-    return Plan(target, checkpoint, precision, int4, cap, threads, catalog.load_recipe(target.recipe), validation)
+    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, catalog.load_recipe(recipe_name),
+                validation)
 
 
 def olive_env(workdir: Path) -> dict[str, str]:
@@ -112,13 +120,14 @@ def olive_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) -> Path:
-    """Run the workflow in a child process; return Olive's output folder or raise BuildError."""
+def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) -> tuple[Path, list[str]]:
+    """Run the workflow in a child process; return Olive's output folder and the passes that ran."""
     config_path = workdir / "olive_config.json"
     result_path = workdir / "olive_result.json"
     log_path = workdir / "olive.log"
     config_path.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "phiedge.olive_runner", str(config_path), str(result_path)]
+    passes = []
     with open(log_path, "w") as log, progress.bar(n_layers, "export layers") as bar:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=olive_env(workdir), bufsize=1)
@@ -129,6 +138,8 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
                     bar.update(1)
                 elif "Running pass" in line or line.startswith("Saving ONNX model"):
                     progress.step("olive: " + line.split("] ")[-1].strip())
+                    if "Running pass" in line:
+                        passes.append(line.rsplit("Running pass", 1)[1].strip().split(":")[0])
             proc.wait()
         except BaseException:
             proc.kill()
@@ -137,7 +148,10 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
     output = Path(config["output_dir"])
     if proc.returncode != 0 or not (output / "genai_config.json").is_file():
         raise BuildError(f"Olive produced no model (exit {proc.returncode}): {last_error(log_path)}")
-    return output
+    missing = [name for name in config["passes"] if name not in passes]
+    if missing:  # Olive skips a pass whose config it rejects for this accelerator, and says so only in its log
+        raise BuildError(f"Olive did not run pass(es) {', '.join(missing)} of the recipe: {last_error(log_path)}")
+    return output, passes
 
 
 def last_error(log_path: Path) -> str:
@@ -171,7 +185,12 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         work.mkdir()
         progress.step(f"building {p.checkpoint.variant or p.checkpoint.architecture} for {p.target.name} "
                       f"({p.precision}) with Olive")
-        olive_output = run_olive(p.olive_config(work), work, p.checkpoint.config["num_hidden_layers"], progress)
+        config = p.olive_config(work)
+        if any((d.get("load_dataset_config") or {}).get("data_files") == str(olive_config.calibration_file(work))
+               for d in config.get("data_configs") or []):
+            n = write_calibration(olive_config.calibration_file(work), options.calibration)
+            progress.step(f"calibration: {n} samples from {options.calibration or 'the stdlib training split'}")
+        olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
         files = collect(olive_output, tmp)
         model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]
         fixed = graph_fixes.layernorm_epsilon(tmp / model_file, p.checkpoint.config)
@@ -190,7 +209,8 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         record = {
             "phiedge_version": __version__,
             "target": p.target.name,
-            "recipe": p.target.recipe,
+            "recipe": p.recipe_name,
+            "olive_passes": passes,
             "execution_provider": p.target.execution_provider,
             "precision": p.precision,
             "int4": p.int4.model_dump() if p.precision == "int4" else None,

@@ -162,6 +162,9 @@ def train(out, like, steps, seed, force):
 @click.option("--float-node", "float_nodes", multiple=True, help="Keep this MatMul unquantized, e.g. /lm_head/MatMul.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
+@click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
+@click.option("--calibration", type=click.Path(), default=None,
+              help="Calibration text for calibrated recipes (default: Python stdlib source).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with the checkpoint in transformers.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
@@ -169,7 +172,8 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, context_cap, threads, no_validate, thresholds, dry_run, force, quiet):
+          shared_embeddings, float_nodes, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
+          force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -179,8 +183,8 @@ def build(target_name, model_dir, out, precision, block_size, accuracy_level, sy
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None).items() if v is not None}
-    options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads,
-                           validate=not no_validate, thresholds=parse_thresholds(thresholds))
+    options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
+                           calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if dry_run:
         click.echo(json.dumps(plan(model_dir, target_name, options).olive_config(Path("<workdir>")), indent=2))
         return

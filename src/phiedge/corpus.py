@@ -22,5 +22,26 @@ def stdlib_files(limit_bytes: int | None = None) -> list[Path]:
     return files
 
 
-def stdlib_text(limit_bytes: int | None = None) -> str:
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files(limit_bytes))
+def split_files(every: int = 10) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files): every 10th stdlib module is held out for evaluation."""
+    files = stdlib_files()
+    return [f for i, f in enumerate(files) if i % every], [f for i, f in enumerate(files) if not i % every]
+
+
+def write_calibration(path: Path, text_file: Path | None = None, samples: int = 64, chars: int = 6000) -> int:
+    """Calibration text as JSON lines ({"text": ...}), from a user's file or the training split.
+
+    Never from the held-out split, so validation still scores text the calibration did not see.
+    """
+    import json
+
+    if text_file is not None:
+        text = Path(text_file).read_text(encoding="utf-8", errors="replace")
+        chunks = [text[i:i + chars] for i in range(0, len(text), chars)][:samples]
+    else:
+        chunks = [f.read_text(encoding="utf-8", errors="replace")[:chars] for f in split_files()[0][:samples]]
+    chunks = [c for c in chunks if c.strip()]
+    with open(path, "w", encoding="utf-8") as out:
+        for chunk in chunks:
+            out.write(json.dumps({"text": chunk}) + "\n")
+    return len(chunks)

@@ -33,9 +33,13 @@ def builder_extra_options(precision: str, int4: Int4Settings) -> dict:
     return {}
 
 
+def calibration_file(workdir: Path) -> Path:
+    return workdir / "calibration.jsonl"
+
+
 def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision: str | None = None,
          int4: Int4Settings | None = None) -> dict:
-    """Fill a recipe: model path, provider, precision and int4 settings, and where Olive writes."""
+    """Fill a recipe: model path, provider, precision and int4 settings, calibration data, where Olive writes."""
     precision = precision or target.precision
     int4 = int4 or target.int4
     config = copy.deepcopy(recipe)
@@ -52,6 +56,13 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
     builder.update(builder_options(precision, int4))
     extra = {k: v for k, v in builder.get("extra_options", {}).items() if k != "shared_embeddings"}
     builder["extra_options"] = {**extra, **builder_extra_options(precision, int4)}
+    for data in config.get("data_configs") or []:
+        load = data.get("load_dataset_config", {})
+        if load.get("data_name") == "json" and load.get("data_files") is None:
+            load["data_files"] = str(calibration_file(workdir))
+    for p in config["passes"].values():
+        if p["type"] == "Gptq":  # calibrated quantization before the builder: same block and symmetry
+            p.update(bits=4, group_size=int4.block_size, sym=int4.symmetric)
     config["cache_dir"] = str(workdir / "olive-cache")
     config["output_dir"] = str(workdir / "olive-output")
     return config

@@ -160,6 +160,7 @@ class Recipe(Strict):
     host: str
     target: str
     passes: dict[str, OlivePass] = Field(min_length=1)
+    data_configs: list[dict[str, Any]] | None = None
     log_severity_level: int = 1
     output_dir: str | None = None
     cache_dir: str | None = None

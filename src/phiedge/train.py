@@ -14,19 +14,12 @@ import time
 from pathlib import Path
 
 from .checkpoint import SYNTH_FILE
-from .corpus import stdlib_files
+from .corpus import split_files
 from .synth import Shrink, synth
 from .workspace import staged_dir
 
 # Phi-4-mini's head dimension, GQA ratio (3:1), partial rotary, LongRoPE and tied embeddings.
 TRAIN_SHRINK = Shrink(layers=2, heads=3, kv_heads=1, intermediate=768, vocab=4096)
-EVAL_EVERY = 10  # every 10th stdlib file is held out for evaluation
-
-
-def split_files() -> tuple[list[Path], list[Path]]:
-    files = stdlib_files()
-    return ([f for i, f in enumerate(files) if i % EVAL_EVERY],
-            [f for i, f in enumerate(files) if not i % EVAL_EVERY])
 
 
 def token_stream(tokenizer, files: list[Path]) -> list[int]:
