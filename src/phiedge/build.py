@@ -20,8 +20,8 @@ from .corpus import write_calibration
 from .catalog import pydantic_problems
 from .errors import BuildError, ConfigError
 from .progress import Progress
-from .schema import Int4Settings, Target, Thresholds, ValidationSettings
-from .validate import REPORT, raise_on_failure, validate
+from .schema import Int4Settings, Target, ValidationSettings
+from .validate import REPORT, raise_on_failure, validate, with_overrides
 from .workspace import check_output, staged_dir
 
 RECORD = "phiedge_build.json"
@@ -96,18 +96,14 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     if threads < 1:
         problems.append(f"threads must be at least 1, not {threads}")
     try:
-        limits = Thresholds(**{**target.validation.thresholds.get(precision, Thresholds()).model_dump(),
-                               **options.thresholds})
+        validation = with_overrides(target.validation, precision, options.thresholds)
     except ValidationError as exc:
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
-        limits = Thresholds()
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
     if problems:
         raise ConfigError("build options", problems)
     recipe_name = options.recipe or target.recipe
-    validation = target.validation.model_copy(
-        update={"thresholds": {**target.validation.thresholds, precision: limits}})
     return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, catalog.load_recipe(recipe_name),
                 validation)
 

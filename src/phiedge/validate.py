@@ -121,6 +121,15 @@ def check(metrics: dict, limits: Thresholds) -> list[str]:
     return failures
 
 
+def with_overrides(settings: ValidationSettings, precision: str, overrides: dict) -> ValidationSettings:
+    """The target's validation settings with some thresholds of this precision replaced.
+
+    Raises pydantic's ValidationError for an unknown name or a value out of range.
+    """
+    limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **overrides})
+    return settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits}})
+
+
 def random_weights(reference_dir: Path) -> bool:
     record = reference_dir / SYNTH_FILE
     return record.is_file() and "trained" not in json.loads(record.read_text())
@@ -181,12 +190,10 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     target = catalog.find_target(target_name or record.get("target", "cpu"))
     precision = precision or record.get("precision") or target.precision
-    settings = target.validation
     try:
-        limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **(overrides or {})})
+        settings = with_overrides(target.validation, precision, overrides or {})
     except ValidationError as exc:
         raise ConfigError("--threshold", pydantic_problems(exc)) from None
-    settings = settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits}})
     ids = None
     if text_file is not None:
         from transformers import AutoTokenizer
