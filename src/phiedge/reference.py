@@ -40,21 +40,27 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_tokens: int = 32,
-                  prompts: tuple[str, ...] = PROMPTS, reference=None) -> list[dict]:
-    """Greedy tokens of the built model (onnxruntime-genai) and of transformers, prompt by prompt."""
-    from transformers import AutoTokenizer
+def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_tokens: int) -> dict:
+    """Greedy tokens of a loaded onnxruntime-genai model and of transformers, prompt by prompt."""
+    from .generate import generate
 
-    from .generate import generate, load
-
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
-    reference = reference or load_reference(reference_dir)
-    model, _ = load(str(built_dir))
-    results = []
+    rows = []
     for text in prompts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        built = list(generate(model, ids, max_new_tokens))
-        ref = reference_greedy(reference, ids, max_new_tokens)
-        results.append({"prompt": text, "prompt_tokens": len(ids), "built": built, "reference": ref,
-                        "agree": common_prefix(built, ref), "identical": built == ref})
-    return results
+        built = list(generate(model, ids, n_tokens))
+        ref = reference_greedy(reference, ids, n_tokens)
+        rows.append({"prompt": text, "agree": common_prefix(built, ref), "of": len(ref), "identical": built == ref,
+                     "built": built, "reference": ref})
+    return {"prompts": rows, "greedy": sum(r["identical"] for r in rows) / len(rows)}
+
+
+def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_tokens: int = 32,
+                  prompts: tuple[str, ...] = PROMPTS) -> list[dict]:
+    """greedy_metrics' rows for a built folder and a checkpoint folder."""
+    from transformers import AutoTokenizer
+
+    from .generate import load
+
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
+    model, _ = load(str(built_dir))
+    return greedy_metrics(model, load_reference(reference_dir), tokenizer, prompts, max_new_tokens)["prompts"]

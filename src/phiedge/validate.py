@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from .checkpoint import SYNTH_FILE
 from .errors import PhiedgeError
-from .reference import PROMPTS, common_prefix, load_reference, reference_greedy
+from .reference import PROMPTS, greedy_metrics, load_reference
 from .schema import Thresholds, ValidationSettings
 
 REPORT = "validation.json"
@@ -93,18 +93,6 @@ def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
             "kl_max": float(kl.max()), "top1": sums.top1 / sums.n,
             "correct_token_prob_change": sums.prob_change / sums.n,
             "perplexity_reference": ppl_ref, "perplexity_built": ppl_built, "ppl_ratio": ppl_built / ppl_ref}
-
-
-def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_tokens: int) -> dict:
-    from .generate import generate
-
-    rows = []
-    for text in prompts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        built = list(generate(model, ids, n_tokens))
-        ref = reference_greedy(reference, ids, n_tokens)
-        rows.append({"prompt": text, "agree": common_prefix(built, ref), "of": len(ref), "identical": built == ref})
-    return {"prompts": rows, "greedy": sum(r["identical"] for r in rows) / len(rows)}
 
 
 def check(metrics: dict, limits: Thresholds) -> list[str]:
