@@ -1,3 +1,4 @@
+import re
 import shutil
 import subprocess
 import sys
@@ -60,3 +61,19 @@ def test_chat_prompt_uses_the_model_template(builds):
 def test_generate_imports_nothing_from_phiedge():
     source = Path(gen_mod.__file__).read_text()
     assert "phiedge" not in source.replace("phiedge/", "").split('"""', 2)[2]
+
+
+def test_chat_mode_keeps_the_conversation(builds, tmp_path):
+    script = tmp_path / "generate.py"
+    shutil.copy(gen_mod.__file__, script)
+    result = subprocess.run([sys.executable, str(script), str(builds("phi-4-mini", "int4")), "--chat",
+                             "--max-new-tokens", "4"], input="hello\nand again\n\n", capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    prompts = [int(n) for n in re.findall(r"\[(\d+) prompt tokens", result.stderr)]
+    assert len(prompts) == 2 and prompts[1] > prompts[0] + 4  # the second turn carries the first
+
+
+def test_prompt_or_chat_is_required(builds, tmp_path):
+    result = run_script(tmp_path, str(builds("phi-4-mini", "int4")))
+    assert result.returncode == 2 and "--prompt, or --chat" in result.stderr

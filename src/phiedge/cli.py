@@ -219,6 +219,48 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
 
 
 @cli.command()
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Archive (.zip) to write.")
+@click.option("--force", is_flag=True, help="Replace the archive if it exists.")
+@errors_to_click
+def package(model_dir, out, force):
+    """Bundle a built model folder into a release archive with a manifest and a generation program."""
+    from .package import package as make
+
+    manifest = make(model_dir, out, force=force)
+    click.echo(json.dumps({"archive": out, "name": manifest["name"], "files": len(manifest["files"])}, indent=2))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--no-load", is_flag=True, help="Check files and versions only, without loading the model.")
+@errors_to_click
+def verify(bundle, no_load):
+    """Check a bundle (archive or folder): every file against the manifest, the runtime, the model loads."""
+    from .verify import verify as check
+
+    click.echo(json.dumps(check(bundle, load=not no_load), indent=2))
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("path", type=click.Path())
+@click.argument("generate_args", nargs=-1, type=click.UNPROCESSED)
+@errors_to_click
+def run(path, generate_args):
+    """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
+    from .generate import main as generate_main
+    from .verify import BundleError, opened, verify_dir
+
+    with opened(path) as root:
+        if (root / "manifest.json").is_file():
+            verify_dir(root, load=False)
+            root = root / "model"
+        if not (root / "genai_config.json").is_file():
+            raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
+        sys.exit(generate_main([str(root), *generate_args]))
+
+
+@cli.command()
 @click.option("-o", "--output", "out", type=click.Path(), default="phiedge-demo", show_default=True,
               help="Folder for the checkpoint and the builds.")
 @click.option("--like", default="phi-4-mini", show_default=True, help="Variant to imitate.")

@@ -32,9 +32,10 @@ def load(model_dir: str, threads: int | None = None) -> tuple[og.Model, og.Token
     return model, og.Tokenizer(model)
 
 
-def chat_prompt(tokenizer: og.Tokenizer, user: str, system: str | None = None) -> str:
-    """Frame one user turn with the model's own chat template (from tokenizer_config.json)."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+def chat_prompt(tokenizer: og.Tokenizer, user: str, system: str | None = None, history: list | None = None) -> str:
+    """Frame the conversation so far plus one user turn with the model's own chat template."""
+    messages = ([{"role": "system", "content": system}] if system else []) + (history or [])
+    messages.append({"role": "user", "content": user})
     return tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
 
 
@@ -55,10 +56,35 @@ def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int = 128, 
         yield int(generator.get_next_tokens()[0])
 
 
+def reply(model: og.Model, tokenizer: og.Tokenizer, prompt: str, args: argparse.Namespace) -> str:
+    """Stream one answer to stdout as it is generated; report speed on stderr; return the text."""
+    prompt_ids = list(tokenizer.encode(prompt))
+    stream = tokenizer.create_stream()  # decodes piece by piece, holding back split multi-byte characters
+    start = time.perf_counter()
+    first = None
+    pieces, count = [], 0
+    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k):
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        if token in tokenizer.eos_token_ids:
+            break
+        pieces.append(stream.decode(token))
+        print(pieces[-1], end="", flush=True)
+    end = time.perf_counter()
+    print()
+    if first is not None:
+        rate = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
+        print(f"[{len(prompt_ids)} prompt tokens, time to first token {first - start:.3f} s, "
+              f"{count} new tokens at {rate:.1f} tokens/s]", file=sys.stderr)
+    return "".join(pieces)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate text with an ONNX Runtime GenAI model folder.")
     parser.add_argument("model_dir", help="folder with genai_config.json, the ONNX model and tokenizer files")
-    parser.add_argument("--prompt", required=True, help="the user's message")
+    parser.add_argument("--prompt", default=None, help="the user's message (leave out with --chat)")
+    parser.add_argument("--chat", action="store_true", help="interactive: read turns from stdin until an empty line")
     parser.add_argument("--system", default=None, help="system prompt")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
@@ -67,29 +93,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (with --temperature)")
     parser.add_argument("--threads", type=int, default=None, help="override intra-op threads")
     args = parser.parse_args(argv)
+    if (args.prompt is None) == (not args.chat):
+        parser.error("give --prompt, or --chat for an interactive conversation")
 
     model, tokenizer = load(args.model_dir, args.threads)
-    text = args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system)
-    prompt_ids = list(tokenizer.encode(text))
-    stream = tokenizer.create_stream()  # decodes piece by piece, holding back split multi-byte characters
-
-    start = time.perf_counter()
-    first = None
-    count = 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k):
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        if token in tokenizer.eos_token_ids:
-            break
-        print(stream.decode(token), end="", flush=True)
-    end = time.perf_counter()
-    print()
-    if first is not None:
-        rate = (count - 1) / (end - first) if count > 1 and end > first else float("nan")
-        print(f"[{len(prompt_ids)} prompt tokens, time to first token {first - start:.3f} s, "
-              f"{count} new tokens at {rate:.1f} tokens/s]", file=sys.stderr)
-    return 0
+    if not args.chat:
+        reply(model, tokenizer, args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system), args)
+        return 0
+    history: list = []
+    while True:
+        print("> ", end="", flush=True, file=sys.stderr)
+        user = sys.stdin.readline().strip()
+        if not user:
+            return 0
+        answer = reply(model, tokenizer, chat_prompt(tokenizer, user, args.system, history), args)
+        history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
 if __name__ == "__main__":

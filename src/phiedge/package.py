@@ -1,0 +1,147 @@
+"""`phiedge package`: a built model folder -> a release archive that runs and proves it is intact.
+
+The archive holds `<name>/model/` (ONNX model, external data, genai_config.json, tokenizer),
+`<name>/generate.py` (needs only onnxruntime-genai), `<name>/requirements.txt`, `<name>/README.md`
+and `<name>/manifest.json` (every other file with size and SHA-256, the model, target, recipe,
+versions, validation numbers, context cap). Entries are sorted, stored uncompressed with fixed
+timestamps and modes: packaging the same build twice gives byte-identical archives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+from . import __version__, genai_config
+from .build import RECORD
+from .errors import PhiedgeError
+from .validate import REPORT
+from .workspace import check_output
+
+FORMAT = "phiedge-bundle/1"
+MANIFEST = "manifest.json"
+EPOCH = (1980, 1, 1, 0, 0, 0)
+CHUNK = 1 << 20
+
+
+class PackageError(PhiedgeError):
+    """The folder cannot be packaged."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bundle_name(record: dict) -> str:
+    source = record.get("source", {})
+    model = (source.get("variant") or "phi") + ("-synth" if source.get("shrunk") else "")
+    return f"{model}-{record['precision']}-{record['target']}-phiedge{record['phiedge_version']}"
+
+
+def model_summary(model_dir: Path, record: dict) -> dict:
+    cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
+    decoder = genai_config.read(model_dir)["model"]["decoder"]
+    return {"variant": record.get("source", {}).get("variant"), "architecture": record.get("source", {}).get(
+        "architecture"), "shrunk": record.get("source", {}).get("shrunk"),
+        "shape": {"hidden_size": decoder["hidden_size"], "layers": decoder["num_hidden_layers"],
+                  "heads": decoder["num_attention_heads"], "kv_heads": decoder["num_key_value_heads"],
+                  "head_dim": decoder["head_size"], "vocab_size": cfg.get("vocab_size"),
+                  "context_length": cfg.get("max_position_embeddings")},
+        "precision": record["precision"], "int4": record.get("int4")}
+
+
+def readme(manifest: dict) -> str:
+    v = manifest.get("validation") or {}
+    numbers = (f"KL {v['kl_mean']:.3g} (p99 {v['kl_p99']:.3g}), top-1 {v['top1']:.4f}, perplexity ratio "
+               f"{v['ppl_ratio']:.4f} against the original checkpoint" if v else "not validated")
+    return f"""# {manifest['name']}
+
+{manifest['model']['variant'] or 'Phi'} model for ONNX Runtime GenAI, built by phiedge {manifest['phiedge_version']}
+for the `{manifest['target']}` target ({manifest['execution_provider']}, {manifest['model']['precision']}).
+
+Run it (needs only onnxruntime-genai, see requirements.txt):
+
+    pip install -r requirements.txt
+    python generate.py model --prompt "Hello"
+
+Check it is intact first: `phiedge verify` on this folder or archive (sizes, SHA-256, runtime version, load).
+
+- context cap (KV cache): {manifest['context_cap']} tokens
+- validation: {numbers}
+- minimum onnxruntime-genai: {manifest['min_runtime']['onnxruntime-genai']}
+"""
+
+
+def manifest_for(model_dir: Path, name: str, files: dict[str, dict]) -> dict:
+    record = json.loads((model_dir / RECORD).read_text())
+    report = json.loads((model_dir / REPORT).read_text()) if (model_dir / REPORT).is_file() else None
+    builder = record["versions"].get("onnxruntime-genai", "0")
+    return {
+        "format": FORMAT, "name": name, "phiedge_version": __version__,
+        "target": record["target"], "recipe": record["recipe"], "execution_provider": record["execution_provider"],
+        "model": model_summary(model_dir, record),
+        "context_cap": record["runtime"]["max_length"], "threads": record["runtime"]["intra_op_num_threads"],
+        "versions": record["versions"],
+        # A runtime older than the builder may reject its genai_config.json.
+        "min_runtime": {"onnxruntime-genai": builder},
+        "validation": None if report is None else {
+            **{k: v for k, v in report["metrics"].items() if k != "prompts"},
+            "passed": report["passed"], "enforced": report["enforced"]},
+        "files": files,
+    }
+
+
+def entries(model_dir: Path) -> dict[str, Path]:
+    """archive path (relative to the bundle root) -> source file."""
+    from . import generate
+
+    out = {f"model/{p.name}": p for p in sorted(model_dir.iterdir()) if p.is_file()}
+    out["generate.py"] = Path(generate.__file__)
+    return out
+
+
+def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:
+    info = zipfile.ZipInfo(arcname, date_time=EPOCH)
+    info.external_attr = 0o644 << 16
+    info.compress_type = zipfile.ZIP_STORED
+    with zf.open(info, "w", force_zip64=True) as dst:
+        if isinstance(data, bytes):
+            dst.write(data)
+        else:
+            with open(data, "rb") as src:
+                shutil.copyfileobj(src, dst, CHUNK)
+
+
+def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict:
+    """Write the archive at `out` (atomically); return its manifest."""
+    model_dir, out = Path(model_dir), Path(out)
+    if not (model_dir / RECORD).is_file() or not (model_dir / "genai_config.json").is_file():
+        raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
+    check_output(out, force)
+    record = json.loads((model_dir / RECORD).read_text())
+    name = bundle_name(record)
+    sources = entries(model_dir)
+    extra = {"requirements.txt": f"onnxruntime-genai>={record['versions']['onnxruntime-genai']}\n".encode()}
+    files = {arc: {"size": p.stat().st_size, "sha256": sha256(p)} for arc, p in sources.items()}
+    files.update({arc: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for arc, b in extra.items()})
+    manifest = manifest_for(model_dir, name, {})
+    extra["README.md"] = readme(manifest).encode()
+    files["README.md"] = {"size": len(extra["README.md"]), "sha256": hashlib.sha256(extra["README.md"]).hexdigest()}
+    manifest["files"] = dict(sorted(files.items()))
+    tmp = out.resolve().parent / f".{out.name}.partial"
+    try:
+        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            payload = {**sources, **extra, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"}
+            for arc in sorted(payload):
+                write_entry(zf, f"{name}/{arc}", payload[arc])
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest

@@ -1,0 +1,110 @@
+"""`phiedge verify`: a bundle is intact, this runtime can run it, and the model loads.
+
+Catches before shipping what otherwise fails on the device: a missing genai_config.json, a truncated
+or altered .onnx.data ("offset out of bounds" at load), a runtime older than the builder.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+from .errors import PhiedgeError
+from .package import FORMAT, MANIFEST, sha256
+
+
+class BundleError(PhiedgeError):
+    """The bundle is damaged, unsafe, or cannot run here; the message names the first problem."""
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Unpack a bundle archive, refusing absolute paths, `..`, links and more than one top folder."""
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{archive} is not a readable zip archive: {exc}") from None
+    with zf:
+        tops = set()
+        for info in zf.infolist():
+            path = PurePosixPath(info.filename)
+            if info.filename.startswith(("/", "\\")) or path.is_absolute() or ":" in path.parts[0]:
+                raise BundleError(f"{archive}: refusing absolute path {info.filename!r}")
+            if ".." in path.parts or "\\" in info.filename:
+                raise BundleError(f"{archive}: refusing path that leaves the bundle {info.filename!r}")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise BundleError(f"{archive}: refusing symbolic link {info.filename!r}")
+            tops.add(path.parts[0])
+        if len(tops) != 1:
+            raise BundleError(f"{archive}: expected one top-level folder, found {len(tops)}")
+        zf.extractall(dest)
+    return dest / tops.pop()
+
+
+def runtime_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime-genai")
+
+
+def version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:3])
+
+
+def verify_dir(root: Path, load: bool = True) -> dict:
+    """Check an unpacked bundle folder; raise BundleError on the first problem."""
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{root}: no {MANIFEST} (not a phiedge bundle)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        assert manifest["format"] == FORMAT and isinstance(files, dict)
+    except (ValueError, KeyError, AssertionError, TypeError):
+        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest") from None
+    for rel, want in sorted(files.items()):
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"{rel} is missing")
+        if path.stat().st_size != want["size"]:
+            raise BundleError(f"{rel} is {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+        if sha256(path) != want["sha256"]:
+            raise BundleError(f"{rel} does not match its SHA-256 in the manifest (altered)")
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - set(files))
+    if extra:
+        raise BundleError(f"{extra[0]} is not in the manifest")
+    need, have = manifest["min_runtime"]["onnxruntime-genai"], runtime_version()
+    if version_tuple(have) < version_tuple(need):
+        raise BundleError(f"onnxruntime-genai {have} is older than {need}, which built this model")
+    if load:
+        from .generate import generate
+        from .generate import load as load_model
+
+        try:
+            model, tokenizer = load_model(str(root / "model"))
+            list(generate(model, list(tokenizer.encode("Hello")), max_new_tokens=1))
+        except Exception as exc:  # onnxruntime-genai raises RuntimeError for every load failure
+            raise BundleError(f"the model does not load in onnxruntime-genai {have}: {exc}") from None
+    return {"bundle": manifest["name"], "files": len(files), "runtime": have, "min_runtime": need,
+            "loaded": load, "ok": True}
+
+
+@contextmanager
+def opened(path: str | Path):
+    """Yield the bundle root of an archive (unpacked to a temporary folder) or of a folder."""
+    path = Path(path)
+    if not path.exists():
+        raise BundleError(f"{path} does not exist")
+    if path.is_dir():
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="phiedge-bundle-") as tmp:
+        yield safe_extract(path, Path(tmp))
+
+
+def verify(path: str | Path, load: bool = True) -> dict:
+    with opened(path) as root:
+        return verify_dir(root, load)

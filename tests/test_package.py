@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from phiedge.cli import cli
+from phiedge.package import PackageError, package
+from phiedge.verify import safe_extract
+
+
+@pytest.fixture(scope="module")
+def bundle(builds, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "b.zip"
+    package(builds("phi-4-mini", "int4"), out)
+    return out
+
+
+def test_packaging_twice_gives_identical_archives(builds, bundle, tmp_path):
+    again = tmp_path / "again.zip"
+    package(builds("phi-4-mini", "int4"), again)
+    assert again.read_bytes() == bundle.read_bytes()
+
+
+def test_manifest_lists_every_file_and_the_build(bundle):
+    with zipfile.ZipFile(bundle) as zf:
+        names = zf.namelist()
+        root = names[0].split("/")[0]
+        manifest = json.loads(zf.read(f"{root}/manifest.json"))
+    assert root == manifest["name"] == "phi-4-mini-synth-int4-cpu-phiedge0.1.0"
+    assert {f"{root}/{f}" for f in manifest["files"]} | {f"{root}/manifest.json"} == set(names)
+    for needed in ("model/model.onnx", "model/model.onnx.data", "model/genai_config.json", "model/tokenizer.json",
+                   "generate.py", "README.md", "requirements.txt"):
+        assert needed in manifest["files"]
+    assert manifest["model"]["shape"]["head_dim"] == 128 and manifest["model"]["int4"]["block_size"] == 32
+    assert manifest["context_cap"] == 4096 and manifest["min_runtime"]["onnxruntime-genai"] == "0.14.1"
+    assert manifest["validation"]["kl_mean"] > 0 and manifest["versions"]["olive-ai"] == "0.13.0"
+
+
+def minimal_env(tmp_path: Path) -> Path:
+    """A path holding only onnxruntime-genai, onnxruntime and numpy: phiedge cannot be imported."""
+    site, env = Path(sysconfig.get_paths()["purelib"]), tmp_path / "env"
+    env.mkdir()
+    for entry in site.iterdir():
+        if entry.name.split("-")[0].split(".")[0] in ("onnxruntime_genai", "onnxruntime", "numpy"):
+            (env / entry.name).symlink_to(entry)
+    return env
+
+
+def test_bundled_program_runs_without_phiedge(bundle, tmp_path):
+    root = safe_extract(bundle, tmp_path / "unpacked")
+    env = {"PYTHONPATH": str(minimal_env(tmp_path)), "PATH": "/usr/bin:/bin"}
+    check = subprocess.run([sys.executable, "-S", "-c", "import phiedge"], env=env, capture_output=True, text=True)
+    assert "No module named 'phiedge'" in check.stderr
+    result = subprocess.run([sys.executable, "-S", "generate.py", "model", "--prompt", "Hi", "--max-new-tokens", "6"],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "6 new tokens" in result.stderr
+
+
+def test_verify_and_run_an_archive(runner, bundle):
+    result = runner.invoke(cli, ["verify", str(bundle)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["ok"] is True
+    ran = runner.invoke(cli, ["run", str(bundle), "--prompt", "Hi", "--max-new-tokens", "3"])
+    assert ran.exit_code == 0, ran.output
+
+
+def test_only_built_folders_are_packaged(tmp_path, checkpoints):
+    with pytest.raises(PackageError, match="not a folder written by"):
+        package(checkpoints["phi-4-mini"], tmp_path / "x.zip")
+    assert list(tmp_path.iterdir()) == []

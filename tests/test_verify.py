@@ -1,0 +1,83 @@
+import os
+import shutil
+import zipfile
+
+import pytest
+
+from phiedge.cli import cli
+from phiedge.package import package
+from phiedge.verify import BundleError, safe_extract, verify
+
+
+@pytest.fixture
+def unpacked(builds, tmp_path):
+    archive = tmp_path / "b.zip"
+    package(builds("phi-4-mini", "int4"), archive)
+    return safe_extract(archive, tmp_path / "u")
+
+
+def test_intact_folder_verifies(unpacked):
+    assert verify(unpacked)["ok"]
+
+
+def test_one_altered_byte_is_named(unpacked):
+    data = unpacked / "model" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match="model/model.onnx.data does not match its SHA-256"):
+        verify(unpacked)
+
+
+def test_truncation_is_named(unpacked):
+    data = unpacked / "model" / "model.onnx.data"
+    with open(data, "r+b") as f:
+        f.truncate(os.path.getsize(data) - 100)
+    with pytest.raises(BundleError, match="model/model.onnx.data is .* bytes.*truncated"):
+        verify(unpacked)
+
+
+def test_missing_genai_config_is_named(unpacked, runner):
+    (unpacked / "model" / "genai_config.json").unlink()
+    result = runner.invoke(cli, ["verify", str(unpacked)])
+    assert result.exit_code == 1 and "model/genai_config.json is missing" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_extra_file_is_named(unpacked):
+    (unpacked / "model" / "notes.txt").write_text("x")
+    with pytest.raises(BundleError, match="model/notes.txt is not in the manifest"):
+        verify(unpacked)
+
+
+def test_too_old_runtime_is_refused(unpacked, monkeypatch):
+    from phiedge import verify as verify_mod
+
+    monkeypatch.setattr(verify_mod, "runtime_version", lambda: "0.13.0")
+    with pytest.raises(BundleError, match="0.13.0 is older than 0.14.1"):
+        verify(unpacked, load=False)
+
+
+@pytest.mark.parametrize("name, words", [("../evil.txt", "leaves the bundle"), ("/etc/evil.txt", "absolute path"),
+                                         ("b/../../evil.txt", "leaves the bundle")])
+def test_unsafe_archive_paths_are_refused(tmp_path, name, words):
+    archive = tmp_path / "bad.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("b/manifest.json", "{}")
+        zf.writestr(name, "x")
+    with pytest.raises(BundleError, match=words):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()
+
+
+def test_not_a_bundle(tmp_path, runner):
+    (tmp_path / "f.zip").write_text("not a zip")
+    assert "not a readable zip" in runner.invoke(cli, ["verify", str(tmp_path / "f.zip")]).output
+    result = runner.invoke(cli, ["run", str(tmp_path), "--prompt", "hi"])
+    assert result.exit_code == 1 and "neither a phiedge bundle nor a model folder" in result.output
+
+
+def test_run_a_model_folder_directly(builds, runner, tmp_path):
+    shutil.copytree(builds("phi-4-mini", "int4"), tmp_path / "m")
+    result = runner.invoke(cli, ["run", str(tmp_path / "m"), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
