@@ -25,7 +25,7 @@ def test_packaging_twice_gives_identical_archives(builds, bundle, tmp_path):
     assert again.read_bytes() == bundle.read_bytes()
 
 
-def test_manifest_lists_every_file_and_the_build(bundle):
+def test_manifest_lists_every_file_and_the_build(bundle, checkpoints):
     with zipfile.ZipFile(bundle) as zf:
         names = zf.namelist()
         root = names[0].split("/")[0]
@@ -35,6 +35,8 @@ def test_manifest_lists_every_file_and_the_build(bundle):
     for needed in ("model/model.onnx", "model/model.onnx.data", "model/genai_config.json", "model/tokenizer.json",
                    "generate.py", "README.md", "requirements.txt"):
         assert needed in manifest["files"]
+    synth_record = json.loads((Path(checkpoints["phi-4-mini"]) / "phiedge_synth.json").read_text())
+    assert manifest["model"]["params"] == synth_record["params"]
     assert manifest["model"]["shape"]["head_dim"] == 128 and manifest["model"]["int4"]["block_size"] == 32
     assert manifest["context_cap"] == 4096 and manifest["min_runtime"]["onnxruntime-genai"] == "0.14.1"
     assert manifest["validation"]["kl_mean"] > 0 and manifest["versions"]["olive-ai"] == "0.13.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config, telemetry
-from .checkpoint import Checkpoint, inspect
+from .checkpoint import Checkpoint, inspect, parameter_shapes
 from .corpus import write_calibration
 from .catalog import pydantic_problems
 from .errors import BuildError, ConfigError
@@ -212,6 +213,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             "int4": p.int4.model_dump() if p.precision == "int4" else None,
             "runtime": runtime,
             "source": {"path": str(p.checkpoint.path), "architecture": p.checkpoint.architecture,
+                       "params": sum(math.prod(s) for s in parameter_shapes(p.checkpoint.config).values()),
                        "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
                        "notes": list(p.checkpoint.notes)},
             "fixes": {"layernorm_epsilon_nodes": fixed},

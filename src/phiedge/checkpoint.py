@@ -52,6 +52,22 @@ def linear_widths(config: dict) -> dict[str, int]:
             "gate_up_proj": 2 * config["intermediate_size"], "down_proj": config["hidden_size"]}
 
 
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape (tied LM head counted once), from a config object or dict, on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(config, dict):
+        cfg = {k: v for k, v in config.items() if k not in ("auto_map", "_name_or_path")}
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
 def lm_head_collisions(config: dict) -> list[str]:
     """Layers the ONNX Runtime GenAI builder would mistake for the LM head.
 

@@ -48,13 +48,14 @@ def bundle_name(record: dict) -> str:
 def model_summary(model_dir: Path, record: dict) -> dict:
     cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
     decoder = genai_config.read(model_dir)["model"]["decoder"]
-    return {"variant": record.get("source", {}).get("variant"), "architecture": record.get("source", {}).get(
-        "architecture"), "shrunk": record.get("source", {}).get("shrunk"),
-        "shape": {"hidden_size": decoder["hidden_size"], "layers": decoder["num_hidden_layers"],
-                  "heads": decoder["num_attention_heads"], "kv_heads": decoder["num_key_value_heads"],
-                  "head_dim": decoder["head_size"], "vocab_size": cfg.get("vocab_size"),
-                  "context_length": cfg.get("max_position_embeddings")},
-        "precision": record["precision"], "int4": record.get("int4")}
+    source = record.get("source", {})
+    return {"variant": source.get("variant"), "architecture": source.get("architecture"),
+            "shrunk": source.get("shrunk"), "params": source.get("params"),
+            "shape": {"hidden_size": decoder["hidden_size"], "layers": decoder["num_hidden_layers"],
+                      "heads": decoder["num_attention_heads"], "kv_heads": decoder["num_key_value_heads"],
+                      "head_dim": decoder["head_size"], "vocab_size": cfg.get("vocab_size"),
+                      "context_length": cfg.get("max_position_embeddings")},
+            "precision": record["precision"], "int4": record.get("int4")}
 
 
 def readme(manifest: dict) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, catalog
-from .checkpoint import SYNTH_FILE, head_dim, lm_head_collisions
+from .checkpoint import SYNTH_FILE, head_dim, lm_head_collisions, parameter_shapes
 from .errors import ConfigError, ModelError
 from .schema import ChatFormat, Variant
 from .tokenizer import train_tokenizer
@@ -77,25 +77,13 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int):
     return INIT_STD * torch.randn(shape, generator=gen)
 
 
-def _parameter_shapes(config) -> dict[str, tuple[int, ...]]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=True)}
-    if getattr(config, "tie_word_embeddings", False):
-        shapes.pop("lm_head.weight", None)
-    return shapes
-
-
 def _write_weights(out: Path, config, seed: int, dtype: str, progress) -> int:
     """Write safetensors shards tensor by tensor; memory stays about one shard."""
     import torch
     from safetensors.torch import save_file
 
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
-    shapes = _parameter_shapes(config)
+    shapes = parameter_shapes(config)
     shards: list[dict] = [{}]
     sizes = [0]
     for name, shape in progress(list(shapes.items()), "weights"):
@@ -173,7 +161,7 @@ def synth(like: str, out: str | Path, shrink: Shrink = Shrink(), seed: int = 0, 
         GenerationConfig(bos_token_id=ids[fmt.bos_token], eos_token_id=[ids[t] for t in fmt.eos_tokens],
                          pad_token_id=ids[fmt.pad_token]).save_pretrained(tmp)
         weight_bytes = _write_weights(tmp, config, seed, dtype, progress)
-        params = sum(math.prod(s) for s in _parameter_shapes(config).values())
+        params = sum(math.prod(s) for s in parameter_shapes(config).values())
         summary = {"like": variant.name, "seed": seed, "dtype": dtype, "params": params,
                    "weight_bytes": weight_bytes, "shrunk": {k: v for k, v in vars(shrink).items() if v},
                    "phiedge_version": __version__}
