@@ -260,6 +260,43 @@ def run(path, generate_args):
         sys.exit(generate_main([str(root), *generate_args]))
 
 
+def int_list(ctx, param, value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.option("-p", "--prompt-tokens", default="128,512", callback=int_list, help="pp tests (comma-separated).")
+@click.option("-n", "--gen-tokens", default="128", callback=int_list, help="tg tests (comma-separated).")
+@click.option("-d", "--depth", default="0", callback=int_list, help="context before tg tests (comma-separated).")
+@click.option("-r", "--repetitions", default=5, show_default=True, help="Timed runs per test.")
+@click.option("--warmup", default=1, show_default=True, help="Untimed runs per test before the timed ones.")
+@click.option("-t", "--threads", type=int, default=None, help="Override intra-op threads of genai_config.json.")
+@click.option("-o", "--output", "fmt", type=click.Choice(["md", "csv", "json", "jsonl"]), default="md",
+              show_default=True, help="Output format on stdout.")
+@click.option("--compare", "old", type=click.Path(), default=None, help="Earlier run (jsonl): print ratios to it.")
+@errors_to_click
+def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old):
+    """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
+    from .bench import bench as run_bench
+    from .bench import plan_tests
+    from .report import compare, render
+    from .verify import opened
+
+    tests = plan_tests(prompt_tokens, gen_tokens, depth)
+    with opened(path) as root:
+        records = run_bench(root, tests, repetitions, warmup, threads,
+                            progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
+    click.echo(render(records, fmt))
+    if old:
+        for row in compare(records, old):
+            click.echo(f"{row['test']}: {row['avg_ts']:.2f} t/s, was {row['old_avg_ts']:.2f} ({row['ratio']:.2f}x)",
+                       err=True)
+
+
 @cli.command()
 @click.option("-o", "--output", "out", type=click.Path(), default="phiedge-demo", show_default=True,
               help="Folder for the checkpoint and the builds.")

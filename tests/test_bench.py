@@ -1,0 +1,55 @@
+import json
+
+import pytest
+
+from phiedge.bench import BenchError, BenchTest, bench, plan_tests
+from phiedge.cli import cli
+
+LLAMA_BENCH_FIELDS = {"n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
+                      "samples_ts", "n_threads", "model_size", "model_n_params", "cpu_info", "test_time"}
+PHIEDGE_FIELDS = {"ttft_ms", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms", "peak_rss_bytes", "provider",
+                  "model_precision", "model_int4", "model_variant", "model_shape", "phiedge_version",
+                  "onnxruntime_version", "onnxruntime_genai_version", "n_cores", "os"}
+
+
+def test_plan_names_tests_like_llama_bench():
+    assert [t.name for t in plan_tests([128, 512], [128], [0, 1024])] == ["pp128", "pp512", "tg128", "tg128 @ d1024"]
+    with pytest.raises(BenchError, match="positive"):
+        plan_tests([0], [128], [0])
+
+
+def test_records_carry_every_field(builds):
+    records = bench(builds("phi-4-mini", "int4"), [BenchTest(16, 0), BenchTest(0, 8, 32)], reps=3, warmup=1)
+    pp, tg = records
+    for r in records:
+        assert LLAMA_BENCH_FIELDS | PHIEDGE_FIELDS <= set(r)
+        assert len(r["samples_ns"]) == len(r["samples_ts"]) == 3 and r["avg_ts"] > 0
+        assert r["model_variant"] == "phi-4-mini" and r["model_precision"] == "int4" and r["n_threads"] >= 1
+    assert (pp["n_prompt"], pp["n_gen"]) == (16, 0) and pp["ttft_ms"] > 0 and pp["latency_p50_ms"] is None
+    assert (tg["n_prompt"], tg["n_gen"], tg["n_depth"]) == (0, 8, 32)
+    assert tg["latency_p50_ms"] <= tg["latency_p90_ms"] <= tg["latency_p99_ms"]
+    assert tg["avg_ts"] == pytest.approx(sum(tg["samples_ts"]) / 3, rel=1e-3)
+
+
+def test_bad_input(builds, tmp_path):
+    with pytest.raises(BenchError, match="neither a phiedge bundle nor a model folder"):
+        bench(tmp_path, [BenchTest(8, 0)])
+    with pytest.raises(BenchError, match="exceed the model's max_length"):
+        bench(builds("phi-4-mini", "int4"), [BenchTest(5000, 0)])
+    with pytest.raises(BenchError, match="repetitions"):
+        bench(builds("phi-4-mini", "int4"), [BenchTest(8, 0)], reps=0)
+
+
+def test_cli_formats_hold_the_same_numbers(runner, builds, tmp_path):
+    args = ["bench", str(builds("phi-4-mini", "int4")), "-p", "16", "-n", "4", "-r", "2"]
+    records = json.loads(runner.invoke(cli, [*args, "-o", "json"]).stdout)
+    assert [r["test"] for r in records] == ["pp16", "tg4"]
+    jsonl = runner.invoke(cli, [*args, "-o", "jsonl"]).stdout
+    (tmp_path / "old.jsonl").write_text(jsonl)
+    assert [json.loads(line)["test"] for line in jsonl.splitlines()] == ["pp16", "tg4"]
+    result = runner.invoke(cli, [*args, "-o", "md", "--compare", str(tmp_path / "old.jsonl")])
+    assert result.exit_code == 0, result.output
+    assert "| pp16 |" in result.stdout and "| tg4 |" in result.stdout
+    assert "was" in result.stderr and "x)" in result.stderr
+    bad = runner.invoke(cli, ["bench", str(tmp_path)])
+    assert bad.exit_code == 1 and "neither a phiedge bundle" in bad.output and "Traceback" not in bad.output
