@@ -154,7 +154,7 @@ def bench(root: str | Path, tests: list[BenchTest], reps: int = 5, warmup: int =
                 ttft.append(first)
             else:
                 latencies += steps
-        ts = [t for t in (tokens / s for s in samples)]
+        ts = [tokens / s for s in samples]
         record = {**base, "test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
                   "test_time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "repetitions": reps,
                   "samples_ns": [int(s * 1e9) for s in samples], "avg_ns": int(statistics.mean(samples) * 1e9),
