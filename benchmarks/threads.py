@@ -15,11 +15,12 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
+
+from phiedge.bench import run_pp, run_tg
 
 
 def load(model_dir: str, threads: int | None, workdir: Path) -> og.Model:
@@ -39,19 +40,9 @@ def load(model_dir: str, threads: int | None, workdir: Path) -> og.Model:
 
 
 def one_run(model: og.Model, prompt: list[int], n_gen: int) -> tuple[float, float]:
-    """(prompt tokens/s, generated tokens/s) for one prefill + decode."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n_gen, do_sample=False)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(prompt)
-    t1 = time.perf_counter()
-    count = 0
-    while not gen.is_done():
-        gen.generate_next_token()
-        count += 1
-    t2 = time.perf_counter()
-    return len(prompt) / (t1 - t0), count / (t2 - t1)
+    """(prompt tokens/s, generated tokens/s) for one prefill, then n_gen decode steps (phiedge bench's loops)."""
+    prefill, _ = run_pp(model, prompt)
+    return len(prompt) / prefill, n_gen / sum(run_tg(model, prompt, n_gen))
 
 
 def default_model(workdir: Path) -> str:

@@ -12,7 +12,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from .errors import PhiedgeError
+from .errors import BuildError, PhiedgeError
 from .package import FORMAT, MANIFEST, sha256
 
 
@@ -80,14 +80,12 @@ def verify_dir(root: Path, load: bool = True) -> dict:
     if version_tuple(have) < version_tuple(need):
         raise BundleError(f"onnxruntime-genai {have} is older than {need}, which built this model")
     if load:
-        from .generate import generate
-        from .generate import load as load_model
+        from .checks import smoke_generate
 
         try:
-            model, tokenizer = load_model(str(root / "model"))
-            list(generate(model, list(tokenizer.encode("Hello")), max_new_tokens=1))
-        except Exception as exc:  # onnxruntime-genai raises RuntimeError for every load failure
-            raise BundleError(f"the model does not load in onnxruntime-genai {have}: {exc}") from None
+            smoke_generate(root / "model", n_tokens=1)
+        except BuildError as exc:
+            raise BundleError(f"onnxruntime-genai {have}: {exc}") from None
     return {"bundle": manifest["name"], "files": len(files), "runtime": have, "min_runtime": need,
             "loaded": load, "ok": True}
 
