@@ -14,7 +14,7 @@ def test_fill_sets_model_precision_int4_and_folders(tmp_path):
     assert builder["precision"] == "int4"
     assert (builder["int4_block_size"], builder["int4_accuracy_level"], builder["int4_is_symmetric"],
             builder["int4_algo_config"]) == (64, 1, False, "k_quant_mixed")
-    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": "false"}
+    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": False, "prune_lm_head": True}
     assert cfg["output_dir"] == str(tmp_path / "work" / "olive-output")
     assert cfg["systems"]["local_system"]["accelerators"][0]["execution_providers"] == ["CPUExecutionProvider"]
 
@@ -47,7 +47,7 @@ def test_embedding_and_float_node_choices_reach_the_builder():
                int4=Int4Settings(algorithm="rtn_last", shared_embeddings=False, float_nodes=["/lm_head/MatMul"]))
     builder = cfg["passes"]["builder"]
     assert builder["int4_nodes_to_exclude"] == ["/lm_head/MatMul"]
-    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": "false", "shared_embeddings": False}
+    assert builder["extra_options"] == {"hf_token": "false", "hf_remote": False, "prune_lm_head": True, "shared_embeddings": False}
     default = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"))
     assert "shared_embeddings" not in default["passes"]["builder"]["extra_options"]
     assert "int4_nodes_to_exclude" not in default["passes"]["builder"]

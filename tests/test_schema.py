@@ -54,3 +54,12 @@ def test_recipe_needs_model_builder_and_known_systems():
     with pytest.raises(ValidationError, match="not one of the systems"):
         Recipe(**{**base, "host": "elsewhere"}, passes={"b": {"type": "ModelBuilder"}})
     Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4"}})
+
+
+def test_builder_boolean_options_must_be_booleans():
+    """Olive passes extra_options to the builder unparsed: the string "false" would mean true there."""
+    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
+                host="s", target="s")
+    with pytest.raises(ValidationError, match="hf_remote must be true or false, not 'false'"):
+        Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": "false"}}})
+    Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False, "hf_token": "false"}}})

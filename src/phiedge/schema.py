@@ -109,7 +109,58 @@ class ValidationSettings(Strict):
 
 
 class Bundle(Strict):
-    layout: Literal["flat"] = "flat"
+    """How the bundle is laid out for the platform's apps, and what its runtime needs."""
+
+    layout: Literal["flat", "android", "ios", "windows"] = Field(
+        "flat", description="flat: model/ + generate.py; android: app assets + Kotlin; ios: Xcode resources + "
+                            "Swift; windows: model/ + PowerShell runner")
+    requirements: list[str] = Field(default_factory=lambda: ["onnxruntime-genai"],
+                                    description="pip packages of the runtime (no version: the build's is added)")
+
+
+class Device(Strict):
+    """The device class a target is for: its memory decides the context cap and the budget check."""
+
+    ram_gb: float = Field(gt=0, description="RAM (or GPU memory) of the smallest device of the class, GB")
+    budget: float = Field(0.5, gt=0, le=1, description="share of it the model may take (weights + KV cache)")
+
+
+class GraphChecks(Strict):
+    """What a build for this target is checked against, when it cannot all run here."""
+
+    max_opset: int = Field(ge=7, description="highest ai.onnx opset the target's ONNX Runtime implements")
+    operators: str = Field(description="operator list under targets/operators/ (the provider's kernels)")
+    numeric: bool = Field(description="the graph runs on this machine's CPU provider, so validation runs")
+
+
+class OperatorKernel(Strict):
+    since: list[int] = Field(min_length=1, description="opset versions at which kernels were registered")
+    until: int | None = Field(None, description="last opset of the newest kernel, when its range is closed")
+    types: dict[str, list[str]] = Field(default_factory=dict, description="type constraints of the newest kernel")
+    types_by_since: dict[int, dict[str, list[str]]] | None = Field(
+        None, description="type constraints of each kernel, where older ones differ")
+
+    def covers(self, version: int, exact: bool) -> int | None:
+        """The registration serving an operator of this schema version, if any."""
+        if exact:
+            return version if version in self.since else None
+        starts = [s for s in self.since if s <= version]
+        if not starts or (self.until is not None and version > self.until and max(starts) == max(self.since)):
+            return None
+        return max(starts)
+
+    def types_at(self, registration: int) -> dict[str, list[str]]:
+        return (self.types_by_since or {}).get(registration, self.types)
+
+
+class OperatorSet(Strict):
+    """The kernels an execution provider implements, as listed by ONNX Runtime's OperatorKernels.md."""
+
+    provider: str
+    source: str = Field(description="where the list was taken from (URL at a commit or version)")
+    exact_versions: bool = Field(False, description="the provider runs a kernel only for the exact schema "
+                                                    "version it was registered at (DirectML)")
+    domains: dict[str, dict[str, OperatorKernel]]
 
 
 class Target(Strict):
@@ -125,6 +176,8 @@ class Target(Strict):
     recipe: str = Field(description="path of the Olive workflow under recipes/, without extension")
     validation: ValidationSettings = ValidationSettings()
     bundle: Bundle = Bundle()
+    device: Device | None = Field(None, description="memory class of the device (None: no budget check)")
+    checks: GraphChecks | None = Field(None, description="graph checks for a runtime that is not here")
 
     @field_validator("threads")
     @classmethod
@@ -139,11 +192,27 @@ class OliveSystem(Strict):
     accelerators: list[dict[str, Any]]
 
 
+# ModelBuilder extra options the builder reads as booleans. Olive hands them over without the parsing the
+# builder's own command line does, so the string "false" would count as true.
+BOOLEAN_BUILDER_OPTIONS = {"int4_is_symmetric", "exclude_embeds", "exclude_lm_head", "include_hidden_states",
+                           "enable_cuda_graph", "enable_webgpu_graph", "use_qdq", "use_webgpu_fp32",
+                           "use_cuda_bf16", "shared_embeddings", "hf_remote", "disable_qkv_fusion", "prune_lm_head"}
+
+
 class OlivePass(BaseModel):
-    """A pass's own options are Olive's to check; phiedge only needs its type."""
+    """A pass's own options are Olive's to check; phiedge needs its type, and checks the builder's booleans."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     type: str
+
+    @model_validator(mode="after")
+    def _builder_booleans(self) -> OlivePass:
+        extra = (self.model_extra or {}).get("extra_options") or {}
+        wrong = [f"extra_options.{k} must be true or false, not {v!r}" for k, v in extra.items()
+                 if k in BOOLEAN_BUILDER_OPTIONS and not isinstance(v, bool)]
+        if self.type == "ModelBuilder" and wrong:
+            raise ValueError("; ".join(wrong))
+        return self
 
 
 class OliveInputModel(Strict):

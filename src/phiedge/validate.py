@@ -63,14 +63,28 @@ def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, tar
 
 
 def built_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits at every position of one prefill, [T, V]."""
+    """Logits at every position of the ids, [T, V].
+
+    One prefill gives them all, unless the graph computes the last position's logits only (the builder's
+    prune_lm_head, phiedge's default): then the ids go in one at a time, as decoding feeds them.
+    """
     import onnxruntime_genai as og
 
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model, params)
+    def fresh():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 1)
+        return og.Generator(model, params)
+
+    generator = fresh()
     generator.append_tokens(ids)
-    return np.asarray(generator.get_output("logits"))[0]
+    logits = np.asarray(generator.get_output("logits"))[0]
+    if logits.shape[0] == len(ids):
+        return logits
+    generator, rows = fresh(), []
+    for token in ids:
+        generator.append_tokens([token])
+        rows.append(np.asarray(generator.get_logits()).reshape(-1, logits.shape[-1])[-1])
+    return np.stack(rows)
 
 
 def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
@@ -85,6 +99,8 @@ def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
         with torch.no_grad():
             ref = reference(torch.tensor([inputs])).logits[0].numpy()
         out = built_logits(model, inputs)
+        if out.shape[0] != ref.shape[0]:
+            raise PhiedgeError(f"the built model gave logits for {out.shape[0]} positions, expected {ref.shape[0]}")
         vocab = min(ref.shape[-1], out.shape[-1])
         accumulate(sums, ref[:, :vocab], out[:, :vocab], targets)
     kl = np.array(sums.kl)
