@@ -47,8 +47,10 @@ def test_cli_formats_hold_the_same_numbers(runner, builds, tmp_path):
     jsonl = runner.invoke(cli, [*args, "-o", "jsonl"]).stdout
     (tmp_path / "old.jsonl").write_text(jsonl)
     assert [json.loads(line)["test"] for line in jsonl.splitlines()] == ["pp16", "tg4"]
-    result = runner.invoke(cli, [*args, "-o", "md", "--compare", str(tmp_path / "old.jsonl")])
+    result = runner.invoke(cli, [*args, "-o", "md", "--compare", str(tmp_path / "old.jsonl"),
+                                 "--plot", str(tmp_path / "bench.png")])
     assert result.exit_code == 0, result.output
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| pp16 |" in result.stdout and "| tg4 |" in result.stdout
     assert "was" in result.stderr and "x)" in result.stderr
     bad = runner.invoke(cli, ["bench", str(tmp_path)])

@@ -99,10 +99,12 @@ def targets(as_json):
 
     data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
              "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
-             "context_cap": t.context_cap, "threads": t.threads, "recipe": t.recipe,
+             "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
+             "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
+             "validated_here": t.checks is None or t.checks.numeric,
              "description": t.description} for t in found().values()]
     emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "accuracy_level",
-                                     "context_cap", "threads", "recipe", "description"]))
+                                     "context_cap", "ram_gb", "threads", "layout", "validated_here"]))
 
 
 @cli.command()
@@ -249,12 +251,12 @@ def verify(bundle, no_load):
 def run(path, generate_args):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
     from .generate import main as generate_main
-    from .verify import BundleError, opened, verify_dir
+    from .verify import BundleError, model_folder, opened, verify_dir
 
     with opened(path) as root:
         if (root / "manifest.json").is_file():
             verify_dir(root, load=False)
-            root = root / "model"
+            root = model_folder(root)
         if not (root / "genai_config.json").is_file():
             raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
         sys.exit(generate_main([str(root), *generate_args]))
@@ -278,8 +280,10 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("-o", "--output", "fmt", type=click.Choice(["md", "csv", "json", "jsonl"]), default="md",
               show_default=True, help="Output format on stdout.")
 @click.option("--compare", "old", type=click.Path(), default=None, help="Earlier run (jsonl): print ratios to it.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
+              help="Also draw tokens/s per test to this PNG (needs matplotlib).")
 @errors_to_click
-def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old):
+def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file):
     """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
     from .bench import bench as run_bench
     from .bench import plan_tests
@@ -291,6 +295,11 @@ def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, 
         records = run_bench(root, tests, repetitions, warmup, threads,
                             progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
     click.echo(render(records, fmt))
+    if plot_file:
+        from .plot import plot
+
+        plot(records, plot_file)
+        click.echo(f"[phiedge] chart written to {plot_file}", err=True)
     if old:
         for row in compare(records, old):
             click.echo(f"{row['test']}: {row['avg_ts']:.2f} t/s, was {row['old_avg_ts']:.2f} ({row['ratio']:.2f}x)",
