@@ -43,16 +43,16 @@ def trained(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def builds(tmp_path_factory, checkpoints, request) -> dict:
-    """(variant or "trained", precision) -> built (and validated) model folder, built on first use."""
+    """(variant or "trained", precision, target) -> built (and validated) model folder, built on first use."""
     root = tmp_path_factory.mktemp("builds")
     made: dict = {}
 
-    def get(variant: str, precision: str):
-        key = (variant, precision)
+    def get(variant: str, precision: str, target: str = "cpu"):
+        key = (variant, precision, target)
         if key not in made:
             source = request.getfixturevalue("trained") if variant == "trained" else checkpoints[variant]
-            out = root / f"{variant}-{precision}"
-            build(source, "cpu", out, BuildOptions(precision=precision))
+            out = root / f"{variant}-{precision}-{target}"
+            build(source, target, out, BuildOptions(precision=precision))
             made[key] = out
         return made[key]
 

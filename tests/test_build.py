@@ -144,3 +144,19 @@ def test_olive_runs_offline_without_telemetry(tmp_path, monkeypatch):
     for key in ("OLIVE_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY", "ORTGENAI_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
         assert env[key] == "1", key
     assert env["HF_HOME"].startswith(str(tmp_path))  # the builder's cache stays inside the build
+
+
+def test_over_budget_build_warns_with_numbers(checkpoints, tmp_path, monkeypatch, capsys):
+    from phiedge import catalog
+    from phiedge.progress import Progress
+    from phiedge.schema import Device
+
+    phone = catalog.find_target("android").model_copy(update={"device": Device(ram_gb=0.01, budget=0.5)})
+    monkeypatch.setattr(catalog, "find_target", lambda name: phone)
+    record = build(checkpoints["phi-4-mini"], "android", tmp_path / "out", BuildOptions(validate=False),
+                   progress=Progress(quiet=True))
+    memory = record["checks"]["memory"]
+    assert memory["fits"] is False and memory["budget_bytes"] == 5_000_000
+    assert memory["kv_cache_bytes"] == 2 * 2 * 1 * 128 * 2048 * 4  # 2 layers, 1 KV head of 128, cap 2048, fp32
+    err = capsys.readouterr().err
+    assert "warning: does not fit the android memory budget" in err and "at 2048 tokens" in err

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -64,7 +65,7 @@ def test_aliases_and_hub_ids_resolve():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(NotFoundError, match="known: .*phi-4-mini"):
         catalog.find_variant("phi-5")
-    with pytest.raises(NotFoundError, match="known: cpu"):
+    with pytest.raises(NotFoundError, match="known: android, cpu, ios, windows-dml"):
         catalog.find_target("tpu")
 
 
@@ -93,3 +94,33 @@ def test_recipes_are_olive_configs():
         data = catalog.load_recipe(name)
         data["input_model"]["model_path"] = "some/local/folder"
         RunConfig.model_validate(data)
+
+
+def test_a_target_is_added_by_adding_a_file(tmp_path, monkeypatch, runner):
+    import shutil
+
+    from phiedge.cli import cli
+
+    shutil.copytree(catalog.data_dir("targets"), tmp_path / "targets")
+    data = yaml.safe_load((tmp_path / "targets" / "android.yaml").read_text())
+    (tmp_path / "targets" / "tablet.yaml").write_text(yaml.safe_dump(
+        {**data, "name": "tablet", "description": "12 GB tablet", "device": {"ram_gb": 12, "budget": 0.6}}))
+    original = catalog.data_dir
+    monkeypatch.setattr(catalog, "data_dir", lambda kind: tmp_path / kind if kind == "targets" else original(kind))
+    catalog.targets.cache_clear()
+    try:
+        assert catalog.find_target("tablet").device.ram_gb == 12
+        shown = {t["name"]: t for t in json.loads(runner.invoke(cli, ["targets", "--json"]).output)}
+        assert shown["tablet"]["ram_gb"] == 12 and shown["tablet"]["layout"] == "android"
+    finally:
+        catalog.targets.cache_clear()
+
+
+def test_targets_for_each_platform():
+    t = catalog.targets()
+    assert (t["android"].execution_provider, t["android"].bundle.layout, t["android"].checks.numeric) == \
+        ("cpu", "android", True)
+    assert (t["ios"].execution_provider, t["ios"].bundle.layout) == ("cpu", "ios")
+    dml = t["windows-dml"]
+    assert (dml.execution_provider, dml.checks.operators, dml.checks.numeric) == ("dml", "dml", False)
+    assert dml.bundle.requirements == ["onnxruntime-genai-directml"]

@@ -34,8 +34,12 @@ def test_models_recommend(runner):
 def test_targets_lists_cpu(runner):
     result = runner.invoke(cli, ["targets", "--json"])
     assert result.exit_code == 0
-    cpu = next(t for t in json.loads(result.output) if t["name"] == "cpu")
-    assert cpu["precision"] == "int4" and cpu["context_cap"] == 4096
+    shown = {t["name"]: t for t in json.loads(result.output)}
+    assert shown["cpu"]["precision"] == "int4" and shown["cpu"]["context_cap"] == 4096
+    assert (shown["android"]["provider"], shown["android"]["ram_gb"], shown["android"]["context_cap"]) == ("cpu", 8, 2048)
+    assert (shown["windows-dml"]["provider"], shown["windows-dml"]["validated_here"]) == ("dml", False)
+    table = runner.invoke(cli, ["targets"]).output
+    assert "ram_gb" in table and "ios" in table
 
 
 def one_line_error(result):

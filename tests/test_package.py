@@ -75,3 +75,38 @@ def test_only_built_folders_are_packaged(tmp_path, checkpoints):
     with pytest.raises(PackageError, match="not a folder written by"):
         package(checkpoints["phi-4-mini"], tmp_path / "x.zip")
     assert list(tmp_path.iterdir()) == []
+
+
+LAYOUT_FILES = {
+    "android": ["app/src/main/assets/phi/model.onnx", "app/src/main/assets/phi/genai_config.json",
+                "app/src/main/assets/phi/tokenizer.json", "app/src/main/java/ai/phiedge/PhiedgeChat.kt"],
+    "ios": ["Resources/phi/model.onnx", "Resources/phi/model.onnx.data", "Resources/phi/tokenizer.json",
+            "Sources/PhiedgeChat.swift"],
+    "windows-dml": ["model/model.onnx", "model/genai_config.json", "run.ps1", "generate.py"],
+}
+
+
+@pytest.mark.parametrize("target", ["android", "ios", "windows-dml"])
+def test_platform_bundles_have_their_layout_and_verify(runner, builds, tmp_path, target):
+    built = builds("phi-4-mini", "int4", target)
+    archive = tmp_path / f"{target}.zip"
+    result = runner.invoke(cli, ["package", str(built), "-o", str(archive)])
+    assert result.exit_code == 0, result.output
+    root = safe_extract(archive, tmp_path / "x")
+    for rel in LAYOUT_FILES[target] + ["README.md", "requirements.txt", "manifest.json"]:
+        assert (root / rel).is_file(), rel
+    manifest = json.loads((root / "manifest.json").read_text())
+    verified = runner.invoke(cli, ["verify", str(archive)])
+    assert verified.exit_code == 0, verified.output
+    report = json.loads(verified.stdout)
+    if target == "windows-dml":
+        assert manifest["validation"] is None and manifest["checks"]["numeric_validation"] is False
+        assert "dml is not available on this machine" in manifest["checks"]["not_run_here"]
+        assert manifest["checks"]["graph"]["provider"] == "DmlExecutionProvider"
+        assert report["loaded"] is False and report["graph_checked_for"] == "DmlExecutionProvider"
+        assert (root / "requirements.txt").read_text().startswith("onnxruntime-genai-directml>=")
+        assert "not validated numerically" in (root / "README.md").read_text()
+    else:
+        assert manifest["validation"]["positions"] > 0 and manifest["checks"]["numeric_validation"] is True
+        assert report["loaded"] is True and manifest["checks"]["graph"]["provider"] == "CPUExecutionProvider"
+        assert manifest["context_cap"] == 2048 and manifest["checks"]["memory"]["fits"] is True

@@ -54,3 +54,25 @@ def test_parent_that_cannot_be_made(tmp_path):
     with pytest.raises(OutputError, match="cannot create"):
         with staged_dir(tmp_path / "file" / "sub" / "out"):
             pass
+
+
+def test_second_writer_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out) as tmp:
+        (tmp / "a").write_text("x")
+        with pytest.raises(OutputError, match=r"being written by phiedge pid \d+"):
+            with staged_dir(out, force=True):
+                pass
+    assert (out / "a").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # lock file gone too
+
+
+def test_disk_full_is_one_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match="writing .*out failed: the disk is full"):
+        with staged_dir(out) as tmp:
+            (tmp / "half").write_text("x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

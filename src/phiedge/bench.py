@@ -96,7 +96,7 @@ def model_info(root: Path) -> tuple[Path, dict]:
     """(model folder, what is known of the model) from a bundle's manifest or a build record."""
     if (root / "manifest.json").is_file():
         manifest = json.loads((root / "manifest.json").read_text())
-        return root / "model", {**manifest["model"], "target": manifest["target"]}
+        return root / manifest.get("model_dir", "model"), {**manifest["model"], "target": manifest["target"]}
     if not (root / "genai_config.json").is_file():
         raise BenchError(f"{root} is neither a phiedge bundle nor a model folder (no genai_config.json)")
     record_path = root / "phiedge_build.json"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import __version__, catalog, checks, genai_config, graph_fixes, olive_config, telemetry
+from . import __version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config, telemetry
 from .checkpoint import Checkpoint, inspect, parameter_shapes
 from .corpus import write_calibration
 from .catalog import pydantic_problems
@@ -169,6 +169,18 @@ def collect(olive_output: Path, dest: Path) -> list[str]:
     return moved
 
 
+# Where and how long: true of one run, not of the model. Left out of the files in the output folder, so the
+# same inputs give byte-identical folders (and bundles) wherever and whenever they are built.
+VOLATILE = {"build_seconds", "built", "reference"}
+
+
+def reproducible(data: dict) -> dict:
+    out = {k: v for k, v in data.items() if k not in VOLATILE}
+    if isinstance(out.get("source"), dict):
+        out["source"] = {k: v for k, v in out["source"].items() if k != "path"}
+    return out
+
+
 def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),
           force: bool = False, progress: Progress | None = None) -> dict:
     """Build, fix up, check and write the model folder; return the build record (also saved in it)."""
@@ -194,14 +206,23 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         runtime = genai_config.apply_runtime(tmp, p.context_cap, p.threads)
         progress.step("checking the output")
         found = checks.check_model_dir(tmp)
-        checks.smoke_generate(tmp)
+        target_checks = p.target.checks
+        graph = None
+        if target_checks is not None:
+            graph = graph_check.check_graph(tmp, p.target.execution_provider, target_checks)
+        runs_here = target_checks is None or target_checks.numeric
+        if runs_here:
+            checks.smoke_generate(tmp)
+        memory, warning = budget.check(budget.estimate(tmp), p.target.device, p.target.name)
+        if warning:
+            progress.warn(warning)
         shutil.rmtree(work)
         report = None
-        if options.validate:
+        if options.validate and runs_here:
             progress.step(f"validating against {p.checkpoint.path} in transformers")
             report = validate(tmp, p.checkpoint.path, p.precision, p.validation)
             report["built"] = str(out.resolve())
-            (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+            (tmp / REPORT).write_text(json.dumps(reproducible(report), indent=2) + "\n")
             raise_on_failure(report)
         record = {
             "phiedge_version": __version__,
@@ -209,6 +230,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             "recipe": p.recipe_name,
             "olive_passes": passes,
             "execution_provider": p.target.execution_provider,
+            "bundle": p.target.bundle.model_dump(),
             "precision": p.precision,
             "int4": p.int4.model_dump() if p.precision == "int4" else None,
             "runtime": runtime,
@@ -217,6 +239,11 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                        "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
                        "notes": list(p.checkpoint.notes)},
             "fixes": {"layernorm_epsilon_nodes": fixed},
+            "checks": {"graph": graph, "loaded_here": runs_here, "numeric_validation": report is not None,
+                       "not_run_here": None if runs_here else
+                       f"{p.target.execution_provider} is not available on this machine: the graph was checked "
+                       "against the provider's operator list and genai_config.json, not run",
+                       "memory": memory},
             "validation": None if report is None else {
                 "passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
                 **{k: v for k, v in report["metrics"].items() if k != "prompts"}},
@@ -225,6 +252,6 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             "build_seconds": round(time.perf_counter() - started, 1),
             "versions": stack_versions(),
         }
-        (tmp / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / RECORD).write_text(json.dumps(reproducible(record), indent=2) + "\n")
     progress.step(f"wrote {out}")
     return record

@@ -1,10 +1,17 @@
 """`phiedge package`: a built model folder -> a release archive that runs and proves it is intact.
 
-The archive holds `<name>/model/` (ONNX model, external data, genai_config.json, tokenizer),
-`<name>/generate.py` (needs only onnxruntime-genai), `<name>/requirements.txt`, `<name>/README.md`
-and `<name>/manifest.json` (every other file with size and SHA-256, the model, target, recipe,
-versions, validation numbers, context cap). Entries are sorted, stored uncompressed with fixed
-timestamps and modes: packaging the same build twice gives byte-identical archives.
+The archive holds, under `<name>/`: the model folder (ONNX model, external data, genai_config.json,
+tokenizer) where the target's platform wants it, `generate.py` (needs only onnxruntime-genai, for a
+desktop check), the platform's example (Kotlin, Swift, PowerShell), `requirements.txt`, `README.md` and
+`manifest.json` (every other file with size and SHA-256, the model, target, recipe, versions, checks and
+validation numbers, context cap). Entries are sorted, stored uncompressed with fixed timestamps and
+modes: packaging the same build twice gives byte-identical archives.
+
+Layouts (the target's `bundle.layout`):
+- flat: `model/`
+- android: `app/src/main/assets/phi/` (app assets) and `app/src/main/java/ai/phiedge/PhiedgeChat.kt`
+- ios: `Resources/phi/` (an Xcode folder reference) and `Sources/PhiedgeChat.swift`
+- windows: `model/` and `run.ps1`
 """
 
 from __future__ import annotations
@@ -39,6 +46,29 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+TEMPLATES = Path(__file__).parent / "templates"
+LAYOUTS = {  # layout -> (model folder in the bundle, {bundle path: template file})
+    "flat": ("model", {}),
+    "android": ("app/src/main/assets/phi", {"app/src/main/java/ai/phiedge/PhiedgeChat.kt": "android/PhiedgeChat.kt"}),
+    "ios": ("Resources/phi", {"Sources/PhiedgeChat.swift": "ios/PhiedgeChat.swift"}),
+    "windows": ("model", {"run.ps1": "windows/run.ps1"}),
+}
+HOW_TO_RUN = {
+    "flat": "    pip install -r requirements.txt\n    python generate.py model --prompt \"Hello\"",
+    "android": "Copy `app/` into your Android project (the model goes into the app's assets, the Kotlin class into\n"
+               "your sources) and follow the comment at the top of `PhiedgeChat.kt` (Gradle dependency, no\n"
+               "compression of .onnx/.data assets). On a desktop first: `python generate.py app/src/main/assets/phi`.",
+    "ios": "Add `Resources/phi` to your Xcode target as a folder reference and `Sources/PhiedgeChat.swift` to\n"
+           "your sources; the comment at its top names the package. ONNX Runtime GenAI's iOS support is still\n"
+           "maturing upstream. On a desktop first: `python generate.py Resources/phi`.",
+    "windows": "On Windows with a DirectX 12 GPU, in PowerShell:\n\n    .\\run.ps1 -Prompt \"Hello\"\n\n"
+               "Upstream caveat (November 2026): the onnxruntime-genai-directml 0.14 wheels require\n"
+               "onnxruntime-directml 1.26 or newer, which PyPI did not carry; DirectML is deprecated upstream in\n"
+               "favour of Windows ML. If pip cannot resolve requirements.txt, install both from the ONNX Runtime\n"
+               "GenAI release page.",
+}
+
+
 def bundle_name(record: dict) -> str:
     source = record.get("source", {})
     model = (source.get("variant") or "phi") + ("-synth" if source.get("shrunk") else "")
@@ -60,17 +90,17 @@ def model_summary(model_dir: Path, record: dict) -> dict:
 
 def readme(manifest: dict) -> str:
     v = manifest.get("validation") or {}
+    checks = manifest.get("checks") or {}
     numbers = (f"KL {v['kl_mean']:.3g} (p99 {v['kl_p99']:.3g}), top-1 {v['top1']:.4f}, perplexity ratio "
-               f"{v['ppl_ratio']:.4f} against the original checkpoint" if v else "not validated")
+               f"{v['ppl_ratio']:.4f} against the original checkpoint" if v else
+               "not validated numerically" + (f" ({checks['not_run_here']})" if checks.get("not_run_here") else ""))
     return f"""# {manifest['name']}
 
 {manifest['model']['variant'] or 'Phi'} model for ONNX Runtime GenAI, built by phiedge {manifest['phiedge_version']}
 for the `{manifest['target']}` target ({manifest['execution_provider']}, {manifest['model']['precision']}).
+The model folder is `{manifest['model_dir']}`.
 
-Run it (needs only onnxruntime-genai, see requirements.txt):
-
-    pip install -r requirements.txt
-    python generate.py model --prompt "Hello"
+{HOW_TO_RUN[manifest['layout']]}
 
 Check it is intact first: `phiedge verify` on this folder or archive (sizes, SHA-256, runtime version, load).
 
@@ -80,13 +110,14 @@ Check it is intact first: `phiedge verify` on this folder or archive (sizes, SHA
 """
 
 
-def manifest_for(model_dir: Path, name: str, files: dict[str, dict]) -> dict:
+def manifest_for(model_dir: Path, name: str, files: dict[str, dict], layout: str = "flat") -> dict:
     record = json.loads((model_dir / RECORD).read_text())
     report = json.loads((model_dir / REPORT).read_text()) if (model_dir / REPORT).is_file() else None
     builder = record["versions"].get("onnxruntime-genai", "0")
     return {
         "format": FORMAT, "name": name, "phiedge_version": __version__,
         "target": record["target"], "recipe": record["recipe"], "execution_provider": record["execution_provider"],
+        "layout": layout, "model_dir": LAYOUTS[layout][0],
         "model": model_summary(model_dir, record),
         "context_cap": record["runtime"]["max_length"], "threads": record["runtime"]["intra_op_num_threads"],
         "versions": record["versions"],
@@ -95,17 +126,27 @@ def manifest_for(model_dir: Path, name: str, files: dict[str, dict]) -> dict:
         "validation": None if report is None else {
             **{k: v for k, v in report["metrics"].items() if k != "prompts"},
             "passed": report["passed"], "enforced": report["enforced"]},
+        "checks": record.get("checks"),
         "files": files,
     }
 
 
-def entries(model_dir: Path) -> dict[str, Path]:
+def entries(model_dir: Path, layout: str = "flat") -> dict[str, Path]:
     """archive path (relative to the bundle root) -> source file."""
     from . import generate
 
-    out = {f"model/{p.name}": p for p in sorted(model_dir.iterdir()) if p.is_file()}
+    folder, extras = LAYOUTS[layout]
+    out = {f"{folder}/{p.name}": p for p in sorted(model_dir.iterdir()) if p.is_file()}
     out["generate.py"] = Path(generate.__file__)
+    out.update({arc: TEMPLATES / template for arc, template in extras.items()})
     return out
+
+
+def requirements(record: dict) -> bytes:
+    """The runtime's pip packages, at least the version that built the model."""
+    runtime = record["versions"]["onnxruntime-genai"]
+    packages = (record.get("bundle") or {}).get("requirements") or ["onnxruntime-genai"]
+    return "".join(f"{p}>={runtime}\n" for p in packages).encode()
 
 
 def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:
@@ -128,11 +169,12 @@ def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict
     check_output(out, force)
     record = json.loads((model_dir / RECORD).read_text())
     name = bundle_name(record)
-    sources = entries(model_dir)
-    extra = {"requirements.txt": f"onnxruntime-genai>={record['versions']['onnxruntime-genai']}\n".encode()}
+    layout = (record.get("bundle") or {}).get("layout", "flat")
+    sources = entries(model_dir, layout)
+    extra = {"requirements.txt": requirements(record)}
     files = {arc: {"size": p.stat().st_size, "sha256": sha256(p)} for arc, p in sources.items()}
     files.update({arc: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for arc, b in extra.items()})
-    manifest = manifest_for(model_dir, name, {})
+    manifest = manifest_for(model_dir, name, {}, layout)
     extra["README.md"] = readme(manifest).encode()
     files["README.md"] = {"size": len(extra["README.md"]), "sha256": hashlib.sha256(extra["README.md"]).hexdigest()}
     manifest["files"] = dict(sorted(files.items()))

@@ -19,6 +19,10 @@ class Progress:
         if not self.quiet:
             print(f"[phiedge {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    def warn(self, message: str) -> None:
+        """Shown even with --quiet: the user must see it."""
+        print(f"[phiedge] warning: {message}", file=sys.stderr, flush=True)
+
     def bar(self, total: int, desc: str):
         from tqdm import tqdm
 

@@ -43,10 +43,20 @@ def safe_extract(archive: Path, dest: Path) -> Path:
     return dest / tops.pop()
 
 
-def runtime_version() -> str:
-    from importlib.metadata import version
+RUNTIME_PACKAGES = ("onnxruntime-genai", "onnxruntime-genai-directml", "onnxruntime-genai-cuda",
+                    "onnxruntime-genai-winml")
 
-    return version("onnxruntime-genai")
+
+def runtime_version() -> str:
+    """Version of whichever onnxruntime-genai package is installed (the provider builds have their own names)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in RUNTIME_PACKAGES:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            continue
+    raise BundleError("onnxruntime-genai is not installed (pip install onnxruntime-genai)")
 
 
 def version_tuple(text: str) -> tuple[int, ...]:
@@ -79,15 +89,29 @@ def verify_dir(root: Path, load: bool = True) -> dict:
     need, have = manifest["min_runtime"]["onnxruntime-genai"], runtime_version()
     if version_tuple(have) < version_tuple(need):
         raise BundleError(f"onnxruntime-genai {have} is older than {need}, which built this model")
-    if load:
+    model_dir = root / manifest.get("model_dir", "model")
+    if not (model_dir / "genai_config.json").is_file():
+        raise BundleError(f"{model_dir.relative_to(root)} has no genai_config.json")
+    checks = manifest.get("checks") or {}
+    not_here = checks.get("not_run_here")
+    if load and not not_here:
         from .checks import smoke_generate
 
         try:
-            smoke_generate(root / "model", n_tokens=1)
+            smoke_generate(model_dir, n_tokens=1)
         except BuildError as exc:
             raise BundleError(f"onnxruntime-genai {have}: {exc}") from None
     return {"bundle": manifest["name"], "files": len(files), "runtime": have, "min_runtime": need,
-            "loaded": load, "ok": True}
+            "loaded": bool(load and not not_here), "not_loaded_because": not_here if load else None,
+            "graph_checked_for": (checks.get("graph") or {}).get("provider"), "ok": True}
+
+
+def model_folder(root: Path) -> Path:
+    """Where a bundle keeps its model folder (it depends on the layout); a model folder is its own."""
+    manifest = Path(root) / MANIFEST
+    if manifest.is_file():
+        return Path(root) / json.loads(manifest.read_text()).get("model_dir", "model")
+    return Path(root)
 
 
 @contextmanager

@@ -1,0 +1,53 @@
+"""Will the model fit the device? Weights plus the KV cache at the context cap, against the target's RAM class.
+
+The KV cache is allocated for search.max_length tokens: 2 (key, value) x layers x KV heads x head size x
+max_length x bytes per element. At Phi-4-mini's 131072 context in fp32 that is 34 GB, the commonest crash on
+phones; at a 4096 cap, 1.07 GB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import genai_config
+from .schema import Device
+
+ELEMENT_BYTES = {1: 4, 10: 2, 16: 2}  # ONNX elem_type: float, float16, bfloat16
+
+
+def kv_element_bytes(model_file: Path) -> int:
+    """Bytes per KV cache element, from the graph's past_key_values input type."""
+    import onnx
+
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    for value in graph.input:
+        if value.name.startswith("past_key_values"):
+            return ELEMENT_BYTES.get(value.type.tensor_type.elem_type, 4)
+    return 4
+
+
+def estimate(model_dir: Path) -> dict:
+    """Bytes of the weights on disk and of the KV cache at the folder's max_length."""
+    model_dir = Path(model_dir)
+    config = genai_config.read(model_dir)
+    decoder = config["model"]["decoder"]
+    max_length = config["search"]["max_length"]
+    weights = sum(p.stat().st_size for p in model_dir.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+    kv = (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * max_length
+          * kv_element_bytes(model_dir / decoder["filename"]))
+    return {"weights_bytes": weights, "kv_cache_bytes": kv, "max_length": max_length, "total_bytes": weights + kv}
+
+
+def check(usage: dict, device: Device | None, target: str) -> tuple[dict, str | None]:
+    """The budget verdict for the record, and a warning sentence with the numbers when it does not fit."""
+    if device is None:
+        return {**usage, "budget_bytes": None, "fits": None}, None
+    budget = int(device.ram_gb * 1e9 * device.budget)
+    verdict = {**usage, "budget_bytes": budget, "fits": usage["total_bytes"] <= budget}
+    if verdict["fits"]:
+        return verdict, None
+    gb = 1e9
+    return verdict, (f"does not fit the {target} memory budget: weights {usage['weights_bytes'] / gb:.2f} GB + KV "
+                     f"cache {usage['kv_cache_bytes'] / gb:.2f} GB at {usage['max_length']} tokens = "
+                     f"{usage['total_bytes'] / gb:.2f} GB > {budget / gb:.2f} GB ({device.budget:.0%} of "
+                     f"{device.ram_gb:g} GB); lower --context-cap or pick a smaller model")
