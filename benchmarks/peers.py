@@ -9,7 +9,8 @@ vocabulary 200064, tied embeddings, LongRoPE) and 4 of its 32 layers: every matm
 Random weights: speed does not depend on their values.
 
 Runtimes, each on the same checkpoint:
-- phiedge: `phiedge build --target cpu` (the target's defaults), timed by phiedge's bench loops;
+- phiedge: `phiedge build --target cpu` (the target's defaults), timed by phiedge's bench loops; also at
+  block 32, and through the builder without prune_lm_head (logits for every prompt position);
 - llama.cpp: converted by the llama-cpp-python sdist's `convert_hf_to_gguf.py`, quantized by llama.cpp to
   Q4_0 and Q4_K_M, run through llama-cpp-python (n_batch 512, the same threads for batch and decode);
 - Optimum: `optimum-cli export onnx` (fp32, KV cache), then ONNX Runtime's MatMulNBitsQuantizer (block 32,
@@ -25,6 +26,7 @@ give the decode ceiling = bandwidth / bytes per token.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -77,9 +79,9 @@ def ids_for(n: int) -> list[int]:
 
 # --- phiedge -------------------------------------------------------------------------------------------------
 
-def phiedge_build(model_dir: Path, out: Path, threads: int) -> Path:
+def phiedge_build(model_dir: Path, out: Path, threads: int, *extra: str) -> Path:
     subprocess.run([str(Path(sys.executable).parent / "phiedge"), "build", "--target", "cpu", "--model", str(model_dir),
-                    "-o", str(out), "--threads", str(threads), "--no-validate", "--force", "-q"],
+                    "-o", str(out), "--threads", str(threads), "--no-validate", "--force", "-q", *extra],
                    check=True, stdout=subprocess.DEVNULL)
     return out
 
@@ -96,8 +98,9 @@ def builder_unpruned(model_dir: Path, out: Path, threads: int) -> Path:
 
     t = find_target("cpu")
     options = {k: v for k, v in builder_options("int4", t.int4).items() if k != "precision"}
-    create_model("phi", str(model_dir), str(out), "int4", "cpu", str(out.parent / "builder-cache"),
-                 hf_token="false", hf_remote=False, prune_lm_head=False, **options)
+    with contextlib.redirect_stdout(sys.stderr):  # the builder prints progress; stdout carries results
+        create_model("phi", str(model_dir), str(out), "int4", "cpu", str(out.parent / "builder-cache"),
+                     hf_token="false", hf_remote=False, prune_lm_head=False, **options)
     config = _json.loads((out / "genai_config.json").read_text())
     config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     (out / "genai_config.json").write_text(_json.dumps(config))
@@ -199,7 +202,8 @@ def optimum_int4(model_dir: Path, work: Path) -> Path:
                    check=True, stdout=subprocess.DEVNULL)
     model = onnx.load(str(fp32 / "model.onnx"))
     quantizer = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
+    with contextlib.redirect_stdout(sys.stderr):
+        quantizer.process()
     out = work / "optimum-int4"
     out.mkdir()
     quantizer.model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
@@ -276,7 +280,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="checkpoint (default: synth Phi-4-mini's shape, 4 layers)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test")
-    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned"],
+    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
@@ -309,6 +313,11 @@ def main() -> int:
         built = phiedge_build(model_dir, work / "phiedge", args.threads)
         log("phiedge speed")
         emit(phiedge_speed(built, 1, args.repetitions), bytes_per_token=onnx_bytes_per_token(built / "model.onnx"))
+        if "block32" not in args.skip:
+            log("phiedge at block 32")
+            b32 = phiedge_build(model_dir, work / "phiedge-b32", args.threads, "--block-size", "32")
+            emit(phiedge_speed(b32, 1, args.repetitions, "cpu target at block 32"),
+                 bytes_per_token=onnx_bytes_per_token(b32 / "model.onnx"))
         if "unpruned" not in args.skip:
             log("builder without prune_lm_head")
             unpruned = builder_unpruned(model_dir, work / "unpruned", args.threads)

@@ -27,7 +27,7 @@ def test_int4_build_loads_and_generates(builds, variant):
     tokens = list(generate(model, list(tokenizer.encode("def main():")), max_new_tokens=16))
     assert len(tokens) == 16
     record = json.loads((out / "phiedge_build.json").read_text())
-    assert record["precision"] == "int4" and record["int4"]["block_size"] == 32
+    assert record["precision"] == "int4" and record["int4"]["block_size"] == 128
     assert record["source"]["variant"] == variant and record["source"]["shrunk"]
 
 
@@ -99,7 +99,15 @@ def test_olive_failure_is_detected_and_nothing_is_left(checkpoints, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(checkpoints["phi-4-mini"], broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: config passes, loading fails
+    data = weights.read_bytes()  # swap a matrix's dimensions in the header: same bytes, loading fails
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2
+                and v["shape"][0] != v["shape"][1])
+    header[name]["shape"] = header[name]["shape"][::-1]
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
     out = tmp_path / "out"
     with pytest.raises(BuildError, match="Olive produced no model"):
         build(broken, "cpu", out)
@@ -160,3 +168,36 @@ def test_over_budget_build_warns_with_numbers(checkpoints, tmp_path, monkeypatch
     assert memory["kv_cache_bytes"] == 2 * 2 * 1 * 128 * 2048 * 4  # 2 layers, 1 KV head of 128, cap 2048, fp32
     err = capsys.readouterr().err
     assert "warning: does not fit the android memory budget" in err and "at 2048 tokens" in err
+
+
+def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path):
+    """Published Phi-3 folders name modeling code (auto_map): phiedge builds with transformers' own classes."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["phi-4-mini"], folder)
+    marker = tmp_path / "code-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import Phi3Config, Phi3ForCausalLM\n"
+    for name in ("modeling_evil.py", "configuration_evil.py", "tokenization_evil.py"):
+        (folder / name).write_text(code)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "configuration_evil.Phi3Config", "AutoModelForCausalLM": "modeling_evil.Phi3ForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Tok", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    record = build(folder, "cpu", tmp_path / "out", BuildOptions(precision="fp32"))
+    assert record["validation"]["passed"] and not marker.exists()
+    assert "never runs remote code" in record["source"]["notes"][0]
+
+
+def test_rtn_recipe_hands_the_builder_a_quantized_checkpoint(checkpoints, tmp_path):
+    """recipes/cpu-rtn.yaml: Olive's Rtn pass, then the builder reads the int4 weights (less memory)."""
+    record = build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out", BuildOptions(recipe="cpu-rtn"))
+    assert record["olive_passes"] == ["rtn", "builder"] and record["recipe"] == "cpu-rtn"
+    import onnx
+
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"), load_external_data=False).graph
+    heads = [n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name]
+    assert heads and dict((a.name, a.i) for a in heads[0].attribute)["block_size"] == 128
+    assert record["validation"]["kl_mean"] < 1e-2 or not record["validation"]["enforced"]

@@ -37,7 +37,7 @@ def test_manifest_lists_every_file_and_the_build(bundle, checkpoints):
         assert needed in manifest["files"]
     synth_record = json.loads((Path(checkpoints["phi-4-mini"]) / "phiedge_synth.json").read_text())
     assert manifest["model"]["params"] == synth_record["params"]
-    assert manifest["model"]["shape"]["head_dim"] == 128 and manifest["model"]["int4"]["block_size"] == 32
+    assert manifest["model"]["shape"]["head_dim"] == 128 and manifest["model"]["int4"]["block_size"] == 128
     assert manifest["context_cap"] == 4096 and manifest["min_runtime"]["onnxruntime-genai"] == "0.14.1"
     assert manifest["validation"]["kl_mean"] > 0 and manifest["versions"]["olive-ai"] == "0.13.0"
 
