@@ -1,10 +1,14 @@
 import json
 import shutil
+import struct
 
 import pytest
 
 from phiedge.checkpoint import inspect, lm_head_collisions
 from phiedge.errors import ModelError
+
+
+EMPTY_SAFETENSORS = struct.pack("<Q", 2) + b"{}"  # a valid file with no tensors
 
 
 @pytest.fixture
@@ -99,7 +103,7 @@ def test_published_shape_is_recognised(tmp_path):
 
     v = catalog.find_variant("phi-3-mini-4k")
     (tmp_path / "config.json").write_text(json.dumps(v.config))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
     (tmp_path / "tokenizer.json").write_text("{}")
     ck = inspect(tmp_path)
     assert ck.variant == "phi-3-mini-4k" and not ck.shrunk
@@ -109,7 +113,7 @@ def test_shared_shapes_prefer_the_named_model_then_the_base(tmp_path):
     from phiedge import catalog
 
     cfg = dict(catalog.find_variant("phi-4-mini").config)
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     assert inspect(tmp_path).variant == "phi-4-mini"  # same shape as phi-4-mini-reasoning: the base
@@ -121,7 +125,7 @@ def test_unshrunk_synth_is_not_marked_shrunk(tmp_path):
     from phiedge import catalog
 
     (tmp_path / "config.json").write_text(json.dumps(catalog.find_variant("phi-2").config))
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(EMPTY_SAFETENSORS)
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "phiedge_synth.json").write_text(json.dumps({"like": "phi-2"}))
     ck = inspect(tmp_path)
@@ -135,4 +139,23 @@ def test_extended_context_without_longrope_is_refused(copy):
     del cfg["original_max_position_embeddings"]
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelError, match="without LongRoPE"):
+        inspect(folder)
+
+
+def test_truncated_weights_are_named(copy):
+    folder = copy()
+    weights = sorted(folder.glob("*.safetensors"))[0]
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1000])
+    with pytest.raises(ModelError, match=rf"{weights.name} is \d+ bytes but its header describes \d+"):
+        inspect(folder)
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelError, match="truncated or not safetensors"):
+        inspect(folder)
+
+
+def test_tokenizer_beyond_the_vocabulary_is_refused(copy):
+    folder = copy()
+    edit_config(folder, vocab_size=1000)  # the tokenizer has 2048 ids
+    with pytest.raises(ModelError, match="token id 2047, beyond config.json's vocab_size 1000"):
         inspect(folder)

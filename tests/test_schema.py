@@ -63,3 +63,57 @@ def test_builder_boolean_options_must_be_booleans():
     with pytest.raises(ValidationError, match="hf_remote must be true or false, not 'false'"):
         Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": "false"}}})
     Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False, "hf_token": "false"}}})
+
+
+# Property-based: whatever a target or recipe file holds, parsing gives a model or one ConfigError listing
+# problems, never another exception.
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from phiedge.catalog import parse  # noqa: E402
+from phiedge.errors import ConfigError  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=8)
+TARGET_KEYS = list(Target.model_fields) + ["contxt_cap", ""]
+RECIPE_KEYS = list(Recipe.model_fields) + ["pass", "extra"]
+
+
+def near(base: dict, keys: list[str]):
+    """The base document with some keys replaced by arbitrary JSON values, some removed, some added."""
+    return st.dictionaries(st.sampled_from(keys), JSON, max_size=4).flatmap(
+        lambda changes: st.sets(st.sampled_from(list(base)), max_size=2).map(
+            lambda dropped: {**{k: v for k, v in base.items() if k not in dropped}, **changes}))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(near({**TARGET, "int4": {"block_size": 32}, "device": {"ram_gb": 8},
+             "checks": {"max_opset": 21, "operators": "cpu", "numeric": True}}, TARGET_KEYS))
+def test_target_parser_never_crashes(data):
+    try:
+        parse(Target, data, "t.yaml")
+    except ConfigError as exc:
+        assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
+
+
+RECIPE = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
+              host="s", target="s", passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False}}})
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(near(RECIPE, RECIPE_KEYS))
+def test_recipe_parser_never_crashes(data):
+    try:
+        parse(Recipe, data, "r.yaml")
+    except ConfigError as exc:
+        assert exc.problems
+
+
+@settings(max_examples=100, deadline=None)
+@given(JSON)
+def test_builder_extra_options_of_any_shape(extra):
+    try:
+        parse(Recipe, {**RECIPE, "passes": {"b": {"type": "ModelBuilder", "extra_options": extra}}}, "r.yaml")
+    except ConfigError as exc:
+        assert exc.problems

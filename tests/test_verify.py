@@ -81,3 +81,53 @@ def test_run_a_model_folder_directly(builds, runner, tmp_path):
     shutil.copytree(builds("phi-4-mini", "int4"), tmp_path / "m")
     result = runner.invoke(cli, ["run", str(tmp_path / "m"), "--prompt", "hi", "--max-new-tokens", "2"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(builds, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prop")
+    package(builds("phi-4-mini", "int4"), tmp / "b.zip")
+    return safe_extract(tmp / "b.zip", tmp / "u")
+
+
+def test_lying_manifest_paths_are_refused(bundle_dir):
+    import json
+
+    path = bundle_dir / "manifest.json"
+    original = path.read_text()
+    try:
+        for lie in [{"model_dir": "../../etc"}, {"files": {"../outside": {"size": 1, "sha256": "x"}}},
+                    {"files": {"/etc/passwd": {"size": 1, "sha256": "x"}}}]:
+            path.write_text(json.dumps({**json.loads(original), **lie}))
+            with pytest.raises(BundleError, match="leaves the bundle"):
+                verify(bundle_dir, load=False)
+    finally:
+        path.write_text(original)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=10)
+FIELDS = ["format", "files", "min_runtime", "model_dir", "checks", "name", "model"]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=3), st.sets(st.sampled_from(FIELDS), max_size=2))
+def test_manifest_reader_never_crashes(bundle_dir, changes, dropped):
+    """Any manifest: the bundle verifies or one BundleError names the problem; nothing else escapes."""
+    import json
+
+    path = bundle_dir / "manifest.json"
+    original = path.read_text()
+    manifest = {k: v for k, v in json.loads(original).items() if k not in dropped}
+    try:
+        path.write_text(json.dumps({**manifest, **changes}))
+        try:
+            verify(bundle_dir, load=False)
+        except BundleError as exc:
+            assert str(exc)
+    finally:
+        path.write_text(original)

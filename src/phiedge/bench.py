@@ -95,8 +95,11 @@ def run_tg(model, context: list[int], n_gen: int) -> list[float]:
 def model_info(root: Path) -> tuple[Path, dict]:
     """(model folder, what is known of the model) from a bundle's manifest or a build record."""
     if (root / "manifest.json").is_file():
-        manifest = json.loads((root / "manifest.json").read_text())
-        return root / manifest.get("model_dir", "model"), {**manifest["model"], "target": manifest["target"]}
+        from .verify import read_manifest
+
+        manifest = read_manifest(root)
+        model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+        return root / manifest["model_dir"], {**model, "target": manifest.get("target")}
     if not (root / "genai_config.json").is_file():
         raise BenchError(f"{root} is neither a phiedge bundle nor a model folder (no genai_config.json)")
     record_path = root / "phiedge_build.json"

@@ -95,6 +95,44 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file is unreadable (truncated, corrupt header), or None. Reads the header only."""
+    import struct
+
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100_000_000:
+                return f"{file.name}: header length {n} is beyond the file's {size} bytes (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError):
+        return f"{file.name}: unreadable safetensors header (truncated or corrupt)"
+    if not isinstance(header, dict):
+        return f"{file.name}: safetensors header is not a JSON object"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    if need != size:
+        return f"{file.name} is {size} bytes but its header describes {need} (truncated or corrupt)"
+    return None
+
+
+def tokenizer_max_id(path: Path) -> int | None:
+    """Largest token id in tokenizer.json (vocabulary and added tokens), or None without one."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+        ids = list((data.get("model") or {}).get("vocab", {}).values())
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise ModelError(f"{file} is not a readable tokenizer.json") from None
+    ids = [i for i in ids if isinstance(i, int)]
+    return max(ids) if ids else None
+
+
 def match_variant(config: dict) -> list[Variant]:
     """Catalog variants whose published shape this config has (fine-tunes share a base's shape)."""
     keys = ("architectures", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -140,14 +178,22 @@ def inspect(path: str | Path) -> Checkpoint:
                            "vocab_size", "max_position_embeddings") if not isinstance(config.get(k), int)]
     if missing:
         raise ModelError(f"{path}/config.json lacks {', '.join(missing)}")
-    if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
-        raise ModelError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     collisions = lm_head_collisions(config)
     if collisions:
         raise ModelError(f"{path}: vocab_size {config['vocab_size']} equals the width of {', '.join(collisions)}; "
                          "the ONNX Runtime GenAI builder would take that layer for the LM head")
+    if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
+        raise ModelError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    for file in sorted(path.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem:
+            raise ModelError(f"{path}: {problem}")
+    top = tokenizer_max_id(path)
+    if top is not None and top >= config["vocab_size"]:
+        raise ModelError(f"{path}: the tokenizer has token id {top}, beyond config.json's vocab_size "
+                         f"{config['vocab_size']} (tokenizer and weights are from different models?)")
     if arch == "Phi3ForCausalLM" and not config.get("rope_scaling") and \
             config["max_position_embeddings"] != config.get("original_max_position_embeddings", 4096):
         raise ModelError(f"{path}/config.json: max_position_embeddings {config['max_position_embeddings']} differs "

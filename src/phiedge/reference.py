@@ -61,6 +61,6 @@ def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_toke
 
     from .generate import load
 
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     model, _ = load(str(built_dir))
     return greedy_metrics(model, load_reference(reference_dir), tokenizer, prompts, max_new_tokens)["prompts"]

@@ -208,6 +208,8 @@ class OlivePass(BaseModel):
     @model_validator(mode="after")
     def _builder_booleans(self) -> OlivePass:
         extra = (self.model_extra or {}).get("extra_options") or {}
+        if not isinstance(extra, dict):
+            raise ValueError("extra_options must be a mapping")
         wrong = [f"extra_options.{k} must be true or false, not {v!r}" for k, v in extra.items()
                  if k in BOOLEAN_BUILDER_OPTIONS and not isinstance(v, bool)]
         if self.type == "ModelBuilder" and wrong:

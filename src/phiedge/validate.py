@@ -150,7 +150,7 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     built_dir, reference_dir = Path(built_dir), Path(reference_dir)
     model, _ = load(str(built_dir))
     reference = load_reference(reference_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     ids = eval_ids if eval_ids is not None else held_out_ids(reference_dir, settings.eval_tokens)
     max_length = json.loads((built_dir / "genai_config.json").read_text())["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
@@ -206,7 +206,7 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
             text = Path(text_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--text", [f"cannot read {text_file}: {exc.strerror}"]) from None
-        ids = AutoTokenizer.from_pretrained(str(reference_dir))(text, add_special_tokens=False)["input_ids"]
+        ids = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]

@@ -63,17 +63,44 @@ def version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:3])
 
 
-def verify_dir(root: Path, load: bool = True) -> dict:
-    """Check an unpacked bundle folder; raise BundleError on the first problem."""
+def inside(rel) -> str:
+    """A manifest path, refused unless it is relative and stays inside the bundle."""
+    path = PurePosixPath(rel) if isinstance(rel, str) else None
+    if path is None or not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or ":" in path.parts[0]:
+        raise BundleError(f"manifest path {rel!r} leaves the bundle (or is not a path)")
+    return rel
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest, with its shape checked: whatever it holds, a BundleError or a usable dict."""
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST} (not a phiedge bundle)")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        assert manifest["format"] == FORMAT and isinstance(files, dict)
-    except (ValueError, KeyError, AssertionError, TypeError):
-        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest") from None
+    except (ValueError, OSError, UnicodeDecodeError):
+        raise BundleError(f"{manifest_path}: not JSON") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"{manifest_path}: not a {FORMAT} manifest")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and type(v.get("size")) is int and isinstance(v.get("sha256"), str)
+            for v in files.values()):
+        raise BundleError(f"{manifest_path}: 'files' must map each path to its size and sha256")
+    for rel in [*files, manifest.setdefault("model_dir", "model")]:
+        inside(rel)
+    runtime = manifest.get("min_runtime")
+    if not isinstance(runtime, dict) or not isinstance(runtime.get("onnxruntime-genai"), str):
+        raise BundleError(f"{manifest_path}: 'min_runtime' must name the onnxruntime-genai version")
+    if not isinstance(manifest.get("name"), str) or not isinstance(manifest.get("checks") or {}, dict):
+        raise BundleError(f"{manifest_path}: 'name' must be text and 'checks' an object")
+    return manifest
+
+
+def verify_dir(root: Path, load: bool = True) -> dict:
+    """Check an unpacked bundle folder; raise BundleError on the first problem."""
+    manifest = read_manifest(root)
+    files = manifest["files"]
     for rel, want in sorted(files.items()):
         path = root / rel
         if not path.is_file():
@@ -89,11 +116,11 @@ def verify_dir(root: Path, load: bool = True) -> dict:
     need, have = manifest["min_runtime"]["onnxruntime-genai"], runtime_version()
     if version_tuple(have) < version_tuple(need):
         raise BundleError(f"onnxruntime-genai {have} is older than {need}, which built this model")
-    model_dir = root / manifest.get("model_dir", "model")
+    model_dir = root / manifest["model_dir"]
     if not (model_dir / "genai_config.json").is_file():
         raise BundleError(f"{model_dir.relative_to(root)} has no genai_config.json")
     checks = manifest.get("checks") or {}
-    not_here = checks.get("not_run_here")
+    not_here = checks.get("not_run_here") or None
     if load and not not_here:
         from .checks import smoke_generate
 
@@ -103,14 +130,14 @@ def verify_dir(root: Path, load: bool = True) -> dict:
             raise BundleError(f"onnxruntime-genai {have}: {exc}") from None
     return {"bundle": manifest["name"], "files": len(files), "runtime": have, "min_runtime": need,
             "loaded": bool(load and not not_here), "not_loaded_because": not_here if load else None,
-            "graph_checked_for": (checks.get("graph") or {}).get("provider"), "ok": True}
+            "graph_checked_for": (checks.get("graph") or {}).get("provider") if isinstance(checks.get("graph"), dict)
+            else None, "ok": True}
 
 
 def model_folder(root: Path) -> Path:
     """Where a bundle keeps its model folder (it depends on the layout); a model folder is its own."""
-    manifest = Path(root) / MANIFEST
-    if manifest.is_file():
-        return Path(root) / json.loads(manifest.read_text()).get("model_dir", "model")
+    if (Path(root) / MANIFEST).is_file():
+        return Path(root) / read_manifest(Path(root))["model_dir"]
     return Path(root)
 
 
