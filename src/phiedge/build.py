@@ -181,8 +181,46 @@ def reproducible(data: dict) -> dict:
     return out
 
 
+class Exports:
+    """Olive outputs kept for reuse within one run: targets whose recipe, precision, int4 settings and
+    provider agree (android, ios and cpu by default) share one export. Weight files are hard-linked
+    (nothing writes them after the builder); the small files are copied, since phiedge edits them."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.done: dict[str, tuple[Path, list[str], str]] = {}
+
+    @staticmethod
+    def key(p: Plan, calibration: str | None) -> str:
+        return json.dumps([p.recipe_name, p.precision, p.int4.model_dump(), p.target.execution_provider,
+                           str(p.checkpoint.path), calibration], sort_keys=True)
+
+    @staticmethod
+    def copy(src: Path, dest: Path) -> list[str]:
+        names = []
+        for path in sorted(p for p in src.iterdir() if p.is_file()):
+            if path.name.endswith(".onnx.data"):
+                os.link(path, dest / path.name)
+            else:
+                shutil.copy2(path, dest / path.name)
+            names.append(path.name)
+        return names
+
+    def get(self, key: str, dest: Path) -> tuple[list[str], list[str], str] | None:
+        if key not in self.done:
+            return None
+        folder, passes, target = self.done[key]
+        return self.copy(folder, dest), passes, target
+
+    def put(self, key: str, src: Path, passes: list[str], target: str) -> None:
+        folder = self.folder / str(len(self.done))
+        folder.mkdir(parents=True)
+        self.copy(src, folder)
+        self.done[key] = (folder, passes, target)
+
+
 def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),
-          force: bool = False, progress: Progress | None = None) -> dict:
+          force: bool = False, progress: Progress | None = None, exports: Exports | None = None) -> dict:
     """Build, fix up, check and write the model folder; return the build record (also saved in it)."""
     progress = progress or Progress(quiet=True)
     p = plan(model_dir, target_name, options)
@@ -199,8 +237,16 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                for d in config.get("data_configs") or []):
             n = write_calibration(olive_config.calibration_file(work), options.calibration)
             progress.step(f"calibration: {n} samples from {options.calibration or 'the stdlib training split'}")
-        olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
-        files = collect(olive_output, tmp)
+        key = Exports.key(p, options.calibration)
+        shared = exports.get(key, tmp) if exports is not None else None
+        if shared is not None:
+            files, passes, shared_with = shared
+            progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
+        else:
+            olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
+            files = collect(olive_output, tmp)
+            if exports is not None:
+                exports.put(key, tmp, passes, p.target.name)
         model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]
         fixed = graph_fixes.layernorm_epsilon(tmp / model_file, p.checkpoint.config)
         runtime = genai_config.apply_runtime(tmp, p.context_cap, p.threads)
@@ -234,7 +280,8 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             "precision": p.precision,
             "int4": p.int4.model_dump() if p.precision == "int4" else None,
             "runtime": runtime,
-            "source": {"path": str(p.checkpoint.path), "architecture": p.checkpoint.architecture,
+            "source": {"path": str(p.checkpoint.path), "name": Path(p.checkpoint.path).name,
+                       "architecture": p.checkpoint.architecture,
                        "params": sum(math.prod(s) for s in parameter_shapes(p.checkpoint.config).values()),
                        "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
                        "notes": list(p.checkpoint.notes)},

@@ -149,9 +149,12 @@ def train(out, like, steps, seed, force):
 
 
 @cli.command()
-@click.option("--target", "target_name", required=True, help="Device target (see `phiedge targets`).")
+@click.option("--target", "target_name", default=None,
+              help="Device target (see `phiedge targets`); several, comma-separated, make a release in -o.")
+@click.option("--all-targets", is_flag=True, help="Build, validate and package every target into -o with an index.")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Hugging Face checkpoint folder.")
-@click.option("-o", "--output", "out", type=click.Path(), default=None, help="Model folder to write.")
+@click.option("-o", "--output", "out", type=click.Path(), default=None,
+              help="Model folder to write (a release folder with several targets).")
 @click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
               help="Override the target's precision (fp32 checks the export apart from quantization).")
 @click.option("--block-size", type=int, default=None, help="int4 block size (16, 32, 64, 128 or 256).")
@@ -171,11 +174,12 @@ def train(out, like, steps, seed, force):
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
-def build(target_name, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
+def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
           shared_embeddings, float_nodes, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
-          force, quiet):
+          no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -187,12 +191,24 @@ def build(target_name, model_dir, out, precision, block_size, accuracy_level, sy
                                   float_nodes=list(float_nodes) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
+    if bool(target_name) == all_targets:
+        raise click.UsageError("Give --target NAME[,NAME...] or --all-targets.")
+    names = None if all_targets else [t.strip() for t in target_name.split(",") if t.strip()]
     if dry_run:
-        click.echo(json.dumps(plan(model_dir, target_name, options).olive_config(Path("<workdir>")), indent=2))
+        from .catalog import targets as found
+
+        configs = {name: plan(model_dir, name, options).olive_config(Path("<workdir>")) for name in names or found()}
+        click.echo(json.dumps(configs[names[0]] if names and len(names) == 1 else configs, indent=2))
         return
     if not out:
         raise click.UsageError("Missing option '-o' / '--output' (not needed with --dry-run).")
-    record = run_build(model_dir, target_name, out, options, force=force, progress=Progress(quiet))
+    if all_targets or len(names) > 1:
+        from .release import release
+
+        index = release(model_dir, names, out, options, force=force, progress=Progress(quiet), run_bench=not no_bench)
+        click.echo(json.dumps(index, indent=2))
+        return
+    record = run_build(model_dir, names[0], out, options, force=force, progress=Progress(quiet))
     click.echo(json.dumps(record, indent=2))
 
 
@@ -222,15 +238,20 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
 
 @cli.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Archive (.zip) to write.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Archive (.zip) to write, or a folder to write NAME.zip into.")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
 @errors_to_click
 def package(model_dir, out, force):
     """Bundle a built model folder into a release archive with a manifest and a generation program."""
     from .package import package as make
 
+    from pathlib import Path
+
+    into_folder = Path(out).is_dir()
     manifest = make(model_dir, out, force=force)
-    click.echo(json.dumps({"archive": out, "name": manifest["name"], "files": len(manifest["files"])}, indent=2))
+    archive = str(Path(out) / f"{manifest['name']}.zip") if into_folder else out
+    click.echo(json.dumps({"archive": archive, "name": manifest["name"], "files": len(manifest["files"])}, indent=2))
 
 
 @cli.command()
@@ -304,6 +325,16 @@ def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, 
         for row in compare(records, old):
             click.echo(f"{row['test']}: {row['avg_ts']:.2f} t/s, was {row['old_avg_ts']:.2f} ({row['ratio']:.2f}x)",
                        err=True)
+
+
+@cli.command()
+@click.argument("dist", type=click.Path())
+@errors_to_click
+def index(dist):
+    """Write release.json and RELEASE.md for the bundle archives in DIST (e.g. made by one CI job per target)."""
+    from .release import index as write
+
+    click.echo(json.dumps(write(dist), indent=2))
 
 
 @cli.command()

@@ -61,7 +61,7 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
         if load.get("data_name") == "json" and load.get("data_files") is None:
             load["data_files"] = str(calibration_file(workdir))
     for p in config["passes"].values():
-        if p["type"] == "Gptq":  # calibrated quantization before the builder: same block and symmetry
+        if p["type"] in ("Gptq", "Rtn"):  # quantization before the builder: the target's block and symmetry
             p.update(bits=4, group_size=int4.block_size, sym=int4.symmetric)
     config["cache_dir"] = str(workdir / "olive-cache")
     config["output_dir"] = str(workdir / "olive-output")

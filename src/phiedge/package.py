@@ -70,8 +70,11 @@ HOW_TO_RUN = {
 
 
 def bundle_name(record: dict) -> str:
+    """<checkpoint folder>-<variant>[-synth]-<precision>-<target>-phiedge<version>, safe as a file name."""
     source = record.get("source", {})
-    model = (source.get("variant") or "phi") + ("-synth" if source.get("shrunk") else "")
+    variant = (source.get("variant") or "phi") + ("-synth" if source.get("shrunk") else "")
+    folder = "".join(c if c.isalnum() or c in "._-" else "-" for c in source.get("name") or "").strip("-.")
+    model = variant if not folder or folder.lower() in (variant.lower(), source.get("variant")) else f"{folder}-{variant}"
     return f"{model}-{record['precision']}-{record['target']}-phiedge{record['phiedge_version']}"
 
 
@@ -162,13 +165,15 @@ def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:
 
 
 def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict:
-    """Write the archive at `out` (atomically); return its manifest."""
+    """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest."""
     model_dir, out = Path(model_dir), Path(out)
     if not (model_dir / RECORD).is_file() or not (model_dir / "genai_config.json").is_file():
         raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
-    check_output(out, force)
     record = json.loads((model_dir / RECORD).read_text())
     name = bundle_name(record)
+    if out.is_dir():
+        out = out / f"{name}.zip"
+    check_output(out, force)
     layout = (record.get("bundle") or {}).get("layout", "flat")
     sources = entries(model_dir, layout)
     extra = {"requirements.txt": requirements(record)}

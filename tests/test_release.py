@@ -1,0 +1,63 @@
+import json
+
+import pytest
+
+from phiedge.cli import cli
+from phiedge.errors import PhiedgeError
+from phiedge.release import index, release
+
+TARGETS = ["android", "cpu", "ios", "windows-dml"]
+
+
+@pytest.fixture(scope="module")
+def first(checkpoints, tmp_path_factory):
+    from click.testing import CliRunner
+
+    dist = tmp_path_factory.mktemp("release") / "dist"
+    result = CliRunner().invoke(cli, ["build", "--all-targets", "--model", checkpoints["phi-4-mini"], "-o", str(dist)])
+    assert result.exit_code == 0, result.output
+    return dist, json.loads(result.stdout), result.stderr
+
+
+def test_all_targets_give_bundles_and_an_index(first):
+    dist, shown, progress = first
+    saved = json.loads((dist / "release.json").read_text())
+    assert saved == shown and [b["target"] for b in saved["bundles"]] == TARGETS
+    assert sorted(p.name for p in dist.iterdir()) == sorted([b["file"] for b in saved["bundles"]] +
+                                                            ["RELEASE.md", "release.json"])
+    for b in saved["bundles"]:
+        assert (dist / b["file"]).stat().st_size == b["size_bytes"]
+        assert b["file"] == f"phi-4-mini-synth-int4-{b['target']}-phiedge0.1.0.zip"
+    by = {b["target"]: b for b in saved["bundles"]}
+    assert by["cpu"]["validation"]["kl_mean"] > 0 and by["cpu"]["bench"]["tg32"] > 0
+    assert by["windows-dml"]["validation"] is None and "bench" not in by["windows-dml"]
+    assert "dml is not available" in by["windows-dml"]["not_validated_because"]
+    md = (dist / "RELEASE.md").read_text()
+    assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md
+    # ios reuses android's export (same recipe and int4 settings); cpu (block 128) and windows-dml have their own
+    assert progress.count("reusing the export made for target android") == 1 and "made for target cpu" not in progress
+
+
+def test_two_runs_give_identical_bundles(first, checkpoints, tmp_path):
+    dist, shown, _ = first
+    again = release(checkpoints["phi-4-mini"], None, tmp_path / "again", run_bench=False)
+    assert [(b["file"], b["sha256"]) for b in again["bundles"]] == [(b["file"], b["sha256"]) for b in shown["bundles"]]
+
+
+def test_index_of_bundles_made_elsewhere(first, tmp_path):
+    import shutil
+
+    dist, shown, _ = first
+    for b in shown["bundles"][:2]:
+        shutil.copy(dist / b["file"], tmp_path / b["file"])
+    made = index(tmp_path)
+    assert [(b["target"], b["sha256"]) for b in made["bundles"]] == [(b["target"], b["sha256"])
+                                                                      for b in shown["bundles"][:2]]
+    assert (tmp_path / "RELEASE.md").is_file()
+    with pytest.raises(PhiedgeError, match="no bundle archives"):
+        index(tmp_path / "nothing")
+
+
+def test_target_choice_is_required(runner, checkpoints):
+    result = runner.invoke(cli, ["build", "--model", checkpoints["phi-4-mini"], "-o", "x"])
+    assert result.exit_code == 2 and "--all-targets" in result.output
