@@ -29,3 +29,19 @@ def test_budget_verdict_and_warning_with_numbers():
 def test_device_values_are_checked(bad):
     with pytest.raises(ValueError):
         Device(**bad)
+
+
+def test_weight_accounting_matches_the_files(builds):
+    """Every byte of the weights file is an initializer, and the int4 matrices are at their ideal size."""
+    from phiedge.budget import weight_accounting
+
+    built = builds("phi-4-mini", "int4")
+    acct = weight_accounting(built / "model.onnx")
+    assert acct["data_file_bytes"] == (built / "model.onnx.data").stat().st_size == acct["initializer_bytes"]
+    assert acct["ideal_bytes"] == acct["initializer_bytes"]  # 4 bits a weight + fp32 scales, nothing wasted
+    assert acct["model_files_bytes"] == acct["data_file_bytes"] + (built / "model.onnx").stat().st_size
+    # the graph file is its nodes plus inline constants (LongRoPE's cos/sin caches for 131072 positions)
+    assert acct["graph_constants_bytes"] > 0.9 * (built / "model.onnx").stat().st_size
+    import json
+
+    assert json.loads((built / "phiedge_build.json").read_text())["weights"] == acct

@@ -51,3 +51,51 @@ def check(usage: dict, device: Device | None, target: str) -> tuple[dict, str | 
                      f"cache {usage['kv_cache_bytes'] / gb:.2f} GB at {usage['max_length']} tokens = "
                      f"{usage['total_bytes'] / gb:.2f} GB > {budget / gb:.2f} GB ({device.budget:.0%} of "
                      f"{device.ram_gb:g} GB); lower --context-cap or pick a smaller model")
+
+
+def weight_accounting(model_file: Path) -> dict:
+    """Where the bytes of a model's weights go, and how far the files are from the ideal int4 size.
+
+    Ideal: every MatMulNBits matrix at its bits per weight plus one scale (and zero point) per block, every
+    other initializer (embedding table, norms, rotary caches) at the precision it was written in. The
+    external data file should hold exactly that, plus alignment padding.
+    """
+    import math
+
+    import onnx
+
+    model_file = Path(model_file)
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    sizes = {}
+    for init in graph.initializer:
+        length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
+        sizes[init.name] = length if length is not None else len(init.raw_data)
+    quantized, ideal = 0, 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        a = {x.name: x.i for x in node.attribute}
+        blocks = a["N"] * math.ceil(a["K"] / a["block_size"])
+        scale_bytes = sizes.get(node.input[2], 0) // max(blocks, 1)
+        ideal += a["N"] * a["K"] * a["bits"] // 8 + blocks * scale_bytes
+        if len(node.input) > 3 and node.input[3]:
+            ideal += math.ceil(blocks * a["bits"] / 8)  # zero points, packed
+        quantized += sum(sizes.get(name, 0) for name in node.input[1:4] if name)
+    names_q = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:4] if name}
+    other = sum(size for name, size in sizes.items() if name not in names_q)
+    constants = sum(len(a.t.raw_data) for g in _graphs(graph) for n in g.node if n.op_type == "Constant"
+                    for a in n.attribute if a.name == "value")
+    files = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
+    data = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.name == model_file.name + ".data")
+    return {"quantized_bytes": quantized, "other_bytes": other, "initializer_bytes": quantized + other,
+            "ideal_bytes": ideal + other, "data_file_bytes": data, "model_files_bytes": files,
+            "graph_constants_bytes": constants,  # e.g. LongRoPE's cos/sin caches, inline in the .onnx file
+            "over_ideal": files / (ideal + other) if ideal + other else None}
+
+
+def _graphs(graph):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _graphs(sub)

@@ -296,6 +296,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                 **{k: v for k, v in report["metrics"].items() if k != "prompts"}},
             "files": sorted(found["files"] + [RECORD] + ([REPORT] if report else [])),
             "size_bytes": sum((tmp / f).stat().st_size for f in files),
+            "weights": budget.weight_accounting(tmp / model_file),
             "build_seconds": round(time.perf_counter() - started, 1),
             "versions": stack_versions(),
         }
