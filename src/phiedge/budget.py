@@ -64,6 +64,8 @@ def weight_accounting(model_file: Path) -> dict:
 
     import onnx
 
+    from .graph_check import graphs
+
     model_file = Path(model_file)
     graph = onnx.load(str(model_file), load_external_data=False).graph
     sizes = {}
@@ -83,7 +85,7 @@ def weight_accounting(model_file: Path) -> dict:
         quantized += sum(sizes.get(name, 0) for name in node.input[1:4] if name)
     names_q = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:4] if name}
     other = sum(size for name, size in sizes.items() if name not in names_q)
-    constants = sum(len(a.t.raw_data) for g in _graphs(graph) for n in g.node if n.op_type == "Constant"
+    constants = sum(len(a.t.raw_data) for g in graphs(graph) for n in g.node if n.op_type == "Constant"
                     for a in n.attribute if a.name == "value")
     files = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.name.startswith(model_file.name))
     data = sum(p.stat().st_size for p in model_file.parent.iterdir() if p.name == model_file.name + ".data")
@@ -92,10 +94,3 @@ def weight_accounting(model_file: Path) -> dict:
             "graph_constants_bytes": constants,  # e.g. LongRoPE's cos/sin caches, inline in the .onnx file
             "over_ideal": files / (ideal + other) if ideal + other else None}
 
-
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _graphs(sub)
