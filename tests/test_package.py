@@ -110,3 +110,10 @@ def test_platform_bundles_have_their_layout_and_verify(runner, builds, tmp_path,
         assert manifest["validation"]["positions"] > 0 and manifest["checks"]["numeric_validation"] is True
         assert report["loaded"] is True and manifest["checks"]["graph"]["provider"] == "CPUExecutionProvider"
         assert manifest["context_cap"] == 2048 and manifest["checks"]["memory"]["fits"] is True
+
+
+def test_package_into_a_folder_names_the_archive(runner, builds, tmp_path):
+    result = runner.invoke(cli, ["package", str(builds("phi-4-mini", "int4")), "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(result.stdout)["archive"]
+    assert written == str(tmp_path / "phi-4-mini-synth-int4-cpu-phiedge0.1.0.zip") and Path(written).is_file()

@@ -61,3 +61,5 @@ def test_index_of_bundles_made_elsewhere(first, tmp_path):
 def test_target_choice_is_required(runner, checkpoints):
     result = runner.invoke(cli, ["build", "--model", checkpoints["phi-4-mini"], "-o", "x"])
     assert result.exit_code == 2 and "--all-targets" in result.output
+    empty = runner.invoke(cli, ["build", "--target", ",", "--model", checkpoints["phi-4-mini"], "-o", "x"])
+    assert empty.exit_code == 2 and "names no target" in empty.output and "Traceback" not in empty.output

@@ -15,26 +15,30 @@ from .schema import Device
 ELEMENT_BYTES = {1: 4, 10: 2, 16: 2}  # ONNX elem_type: float, float16, bfloat16
 
 
-def kv_element_bytes(model_file: Path) -> int:
-    """Bytes per KV cache element, from the graph's past_key_values input type."""
+def load_graph(model_file: Path):
+    """The graph of an ONNX file without its external weights (what every check here reads)."""
     import onnx
 
-    graph = onnx.load(str(model_file), load_external_data=False).graph
-    for value in graph.input:
+    return onnx.load(str(model_file), load_external_data=False)
+
+
+def kv_element_bytes(model) -> int:
+    """Bytes per KV cache element, from the graph's past_key_values input type."""
+    for value in model.graph.input:
         if value.name.startswith("past_key_values"):
             return ELEMENT_BYTES.get(value.type.tensor_type.elem_type, 4)
     return 4
 
 
-def estimate(model_dir: Path) -> dict:
-    """Bytes of the weights on disk and of the KV cache at the folder's max_length."""
+def estimate(model_dir: Path, model=None) -> dict:
+    """Bytes of the weights on disk and of the KV cache at the folder's max_length (model: the loaded graph)."""
     model_dir = Path(model_dir)
     config = genai_config.read(model_dir)
     decoder = config["model"]["decoder"]
     max_length = config["search"]["max_length"]
     weights = sum(p.stat().st_size for p in model_dir.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
     kv = (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * max_length
-          * kv_element_bytes(model_dir / decoder["filename"]))
+          * kv_element_bytes(model or load_graph(model_dir / decoder["filename"])))
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "max_length": max_length, "total_bytes": weights + kv}
 
 
@@ -53,7 +57,7 @@ def check(usage: dict, device: Device | None, target: str) -> tuple[dict, str | 
                      f"{device.ram_gb:g} GB); lower --context-cap or pick a smaller model")
 
 
-def weight_accounting(model_file: Path) -> dict:
+def weight_accounting(model_file: Path, model=None) -> dict:
     """Where the bytes of a model's weights go, and how far the files are from the ideal int4 size.
 
     Ideal: every MatMulNBits matrix at its bits per weight plus one scale (and zero point) per block, every
@@ -62,12 +66,10 @@ def weight_accounting(model_file: Path) -> dict:
     """
     import math
 
-    import onnx
-
     from .graph_check import graphs
 
     model_file = Path(model_file)
-    graph = onnx.load(str(model_file), load_external_data=False).graph
+    graph = (model or load_graph(model_file)).graph
     sizes = {}
     for init in graph.initializer:
         length = next((int(e.value) for e in init.external_data if e.key == "length"), None)

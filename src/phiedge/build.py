@@ -183,7 +183,7 @@ def reproducible(data: dict) -> dict:
 
 class Exports:
     """Olive outputs kept for reuse within one run: targets whose recipe, precision, int4 settings and
-    provider agree (android, ios and cpu by default) share one export. Weight files are hard-linked
+    provider agree (with today's targets: android and ios) share one export. Weight files are hard-linked
     (nothing writes them after the builder); the small files are copied, since phiedge edits them."""
 
     def __init__(self, folder: Path):
@@ -252,14 +252,15 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         runtime = genai_config.apply_runtime(tmp, p.context_cap, p.threads)
         progress.step("checking the output")
         found = checks.check_model_dir(tmp)
+        model_graph = budget.load_graph(tmp / model_file)  # read once for the graph, budget and size checks
         target_checks = p.target.checks
         graph = None
         if target_checks is not None:
-            graph = graph_check.check_graph(tmp, p.target.execution_provider, target_checks)
+            graph = graph_check.check_graph(tmp, p.target.execution_provider, target_checks, model_graph)
         runs_here = target_checks is None or target_checks.numeric
         if runs_here:
             checks.smoke_generate(tmp)
-        memory, warning = budget.check(budget.estimate(tmp), p.target.device, p.target.name)
+        memory, warning = budget.check(budget.estimate(tmp, model_graph), p.target.device, p.target.name)
         if warning:
             progress.warn(warning)
         shutil.rmtree(work)
@@ -296,7 +297,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                 **{k: v for k, v in report["metrics"].items() if k != "prompts"}},
             "files": sorted(found["files"] + [RECORD] + ([REPORT] if report else [])),
             "size_bytes": sum((tmp / f).stat().st_size for f in files),
-            "weights": budget.weight_accounting(tmp / model_file),
+            "weights": budget.weight_accounting(tmp / model_file, model_graph),
             "build_seconds": round(time.perf_counter() - started, 1),
             "versions": stack_versions(),
         }

@@ -194,6 +194,8 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
     if bool(target_name) == all_targets:
         raise click.UsageError("Give --target NAME[,NAME...] or --all-targets.")
     names = None if all_targets else [t.strip() for t in target_name.split(",") if t.strip()]
+    if names == []:
+        raise click.UsageError(f"--target {target_name!r} names no target.")
     if dry_run:
         from .catalog import targets as found
 
@@ -244,14 +246,13 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
 @errors_to_click
 def package(model_dir, out, force):
     """Bundle a built model folder into a release archive with a manifest and a generation program."""
+    from .package import archive_path
     from .package import package as make
 
-    from pathlib import Path
-
-    into_folder = Path(out).is_dir()
     manifest = make(model_dir, out, force=force)
-    archive = str(Path(out) / f"{manifest['name']}.zip") if into_folder else out
-    click.echo(json.dumps({"archive": archive, "name": manifest["name"], "files": len(manifest["files"])}, indent=2))
+    written = archive_path(out, manifest["name"])  # a folder stays a folder; a file path is the archive
+    click.echo(json.dumps({"archive": str(written), "name": manifest["name"], "files": len(manifest["files"])},
+                          indent=2))
 
 
 @cli.command()

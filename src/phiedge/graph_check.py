@@ -92,8 +92,11 @@ def unsupported(model, ops: OperatorSet) -> list[str]:
     return list(problems.values())
 
 
-def check_graph(model_dir: Path, provider: str, checks: GraphChecks) -> dict:
-    """Raise BuildError listing every problem; return what was checked, for the build record and manifest."""
+def check_graph(model_dir: Path, provider: str, checks: GraphChecks, model=None) -> dict:
+    """Raise BuildError listing every problem; return what was checked, for the build record and manifest.
+
+    model: the graph already loaded (without external data); read from the folder when not given.
+    """
     import onnx
 
     config = genai_config.read(model_dir)
@@ -103,8 +106,9 @@ def check_graph(model_dir: Path, provider: str, checks: GraphChecks) -> dict:
         raise BuildError(f"operator list {checks.operators!r} not found under targets/operators/ "
                          f"(known: {', '.join(sorted(sets))})")
     ops = sets[checks.operators]
-    model = onnx.load(str(Path(model_dir) / decoder["filename"]), load_external_data=False)
-    model = onnx.shape_inference.infer_shapes(model)
+    if model is None:
+        model = onnx.load(str(Path(model_dir) / decoder["filename"]), load_external_data=False)
+    model = onnx.shape_inference.infer_shapes(model)  # a new model: the caller's is left as it was
     problems = unsupported(model, ops)
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     if opset > checks.max_opset:

@@ -164,6 +164,12 @@ def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:
                 shutil.copyfileobj(src, dst, CHUNK)
 
 
+def archive_path(out: str | Path, name: str) -> Path:
+    """Where `phiedge package -o OUT` writes: OUT itself, or OUT/NAME.zip when OUT is a folder."""
+    out = Path(out)
+    return out / f"{name}.zip" if out.is_dir() else out
+
+
 def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict:
     """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest."""
     model_dir, out = Path(model_dir), Path(out)
@@ -171,8 +177,7 @@ def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict
         raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
     record = json.loads((model_dir / RECORD).read_text())
     name = bundle_name(record)
-    if out.is_dir():
-        out = out / f"{name}.zip"
+    out = archive_path(out, name)
     check_output(out, force)
     layout = (record.get("bundle") or {}).get("layout", "flat")
     sources = entries(model_dir, layout)
