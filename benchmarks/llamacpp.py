@@ -50,10 +50,12 @@ SHRINK = Shrink(layers=2, heads=6, kv_heads=2, intermediate=1536, vocab=4096)
 EVAL_TOKENS, WINDOW = 2048, 512
 ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
     ("fp32", "fp32", {}),
-    ("phiedge default (cpu target: rtn b128)", "int4", {}),
-    ("rtn b32", "int4", {"algorithm": "default", "block_size": 32}),
-    ("rtn b32 8-bit LM head", "int4", {"algorithm": "rtn_last", "block_size": 32}),
-    ("k-quant mixed b32", "int4", {"algorithm": "k_quant_mixed", "block_size": 32}),
+    ("phiedge default (cpu target: rtn b128, int8 table)", "int4", {}),
+    ("stream b128, int8 table, 8-bit LM head", "int4", {"lm_head_bits": 8}),
+    ("stream b32, int8 table, 8-bit LM head", "int4", {"block_size": 32, "lm_head_bits": 8}),
+    ("rtn b32", "int4", {"method": "builder", "algorithm": "default", "block_size": 32}),
+    ("rtn b32 8-bit LM head", "int4", {"method": "builder", "algorithm": "rtn_last", "block_size": 32}),
+    ("k-quant mixed b32", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 32}),
 ]
 GGUF_SETTINGS = ["f32", "Q4_0", "Q4_K_M"]  # f32 is the converter's output, the others llama.cpp's quantizer's
 

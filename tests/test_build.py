@@ -193,7 +193,7 @@ def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path):
 
 def test_rtn_recipe_hands_the_builder_a_quantized_checkpoint(checkpoints, tmp_path):
     """recipes/cpu-rtn.yaml: Olive's Rtn pass, then the builder reads the int4 weights (less memory)."""
-    record = build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out", BuildOptions(recipe="cpu-rtn"))
+    record = build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out", BuildOptions(recipe="cpu-rtn", int4={"method": "builder"}))
     assert record["olive_passes"] == ["rtn", "builder"] and record["recipe"] == "cpu-rtn"
     import onnx
 

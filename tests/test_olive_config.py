@@ -48,8 +48,12 @@ def test_embedding_and_float_node_choices_reach_the_builder():
     builder = cfg["passes"]["builder"]
     assert builder["int4_nodes_to_exclude"] == ["/lm_head/MatMul"]
     assert builder["extra_options"] == {"hf_token": "false", "hf_remote": False, "prune_lm_head": True, "shared_embeddings": False}
-    default = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"))
+    default = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"), int4=Int4Settings())
     assert "shared_embeddings" not in default["passes"]["builder"]["extra_options"]
+    # method stream: the LM head arrives quantized, so the builder must not tie the table to it
+    stream = fill(catalog.load_recipe("cpu"), catalog.find_target("cpu"), Path("m"), Path("w"),
+                  int4=Int4Settings(method="stream", embeddings="int8"))
+    assert stream["passes"]["builder"]["extra_options"]["shared_embeddings"] is False
     assert "int4_nodes_to_exclude" not in default["passes"]["builder"]
 
 

@@ -48,3 +48,21 @@ def test_longrope_prompt_longer_than_the_original_context(name, tmp_path):
     built = list(generate(model, prompt, 16))
     ref = reference_greedy(load_reference(ckpt), prompt, 16)
     assert built == ref, f"agree {common_prefix(built, ref)} of 16"
+
+
+@pytest.mark.parametrize("name", ["phi-4-mini", "phi-3-mini-4k"])
+def test_layerwise_reference_gives_the_same_logits_and_tokens(checkpoints, name, monkeypatch):
+    """One decoder layer in memory at a time: what lets a full-size build validate within its memory bound."""
+    import torch
+
+    from phiedge import reference
+
+    ckpt = checkpoints[name]
+    whole, layerwise = load_reference(ckpt, layerwise=False), load_reference(ckpt, layerwise=True)
+    ids = torch.arange(3, 203)[None]
+    with torch.no_grad():
+        assert torch.equal(whole(ids).logits, layerwise(ids).logits)
+    assert all(p.device.type == "meta" for p in layerwise.model.layers.parameters())  # dropped after each run
+    assert reference_greedy(whole, [5, 6, 7], 12) == reference_greedy(layerwise, [5, 6, 7], 12)
+    monkeypatch.setattr(reference, "LAYERWISE_ABOVE_BYTES", 0)  # the size decides when not told
+    assert all(p.device.type == "meta" for p in load_reference(ckpt).model.layers.parameters())

@@ -22,6 +22,20 @@ def test_block_size_must_be_a_power_of_two_in_range(size):
         Int4Settings(block_size=size)
 
 
+@pytest.mark.parametrize("settings, message", [
+    ({"embeddings": "int8"}, "need method: stream"),
+    ({"lm_head_bits": 8}, "need method: stream"),
+    ({"method": "stream", "algorithm": "k_quant_mixed"}, "method stream needs algorithm default"),
+    ({"method": "stream", "float_nodes": ["/lm_head/MatMul"]}, "no float_nodes"),
+    ({"method": "stream", "shared_embeddings": True}, "separate embeddings"),
+    ({"embeddings": "int2"}, "embeddings"),
+])
+def test_int4_stream_settings_go_together(settings, message):
+    with pytest.raises(ValidationError, match=message):
+        Int4Settings(**settings)
+    Int4Settings(method="stream", embeddings="int4", lm_head_bits=8, symmetric=False)  # all stream options at once
+
+
 def test_target_values_are_checked():
     with pytest.raises(ValidationError):
         Target(**{**TARGET, "context_cap": 0})

@@ -116,7 +116,7 @@ def test_not_a_model_folder(tmp_path, trained):
 
 def test_gptq_recipe_runs_offline_and_passes(trained, tmp_path):
     """Olive's calibrated GPTQ on CPU with stdlib calibration text, then the builder; validated."""
-    record = build(trained, "cpu", tmp_path / "gptq", BuildOptions(recipe="cpu-gptq"))
+    record = build(trained, "cpu", tmp_path / "gptq", BuildOptions(recipe="cpu-gptq", int4={"method": "builder"}))
     assert record["recipe"] == "cpu-gptq" and record["olive_passes"] == ["gptq", "builder"]
     assert record["validation"]["enforced"] and record["validation"]["passed"]
 

@@ -60,8 +60,9 @@ def check(usage: dict, device: Device | None, target: str) -> tuple[dict, str | 
 def weight_accounting(model_file: Path, model=None) -> dict:
     """Where the bytes of a model's weights go, and how far the files are from the ideal int4 size.
 
-    Ideal: every MatMulNBits matrix at its bits per weight plus one scale (and zero point) per block, every
-    other initializer (embedding table, norms, rotary caches) at the precision it was written in. The
+    Ideal: every MatMulNBits matrix and GatherBlockQuantized table at its bits per weight plus one scale (and
+    zero point) per block, every other initializer (a float embedding table, norms, rotary caches) at the
+    precision it was written in. The
     external data file should hold exactly that, plus alignment padding.
     """
     import math
@@ -74,18 +75,26 @@ def weight_accounting(model_file: Path, model=None) -> dict:
     for init in graph.initializer:
         length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
         sizes[init.name] = length if length is not None else len(init.raw_data)
-    quantized, ideal = 0, 0
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    quantized, ideal, names_q = 0, 0, set()
     for node in graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
         a = {x.name: x.i for x in node.attribute}
-        blocks = a["N"] * math.ceil(a["K"] / a["block_size"])
-        scale_bytes = sizes.get(node.input[2], 0) // max(blocks, 1)
-        ideal += a["N"] * a["K"] * a["bits"] // 8 + blocks * scale_bytes
+        if node.op_type == "MatMulNBits":
+            rows, cols, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
+        elif node.op_type == "GatherBlockQuantized" and node.input[0] in dims:  # [rows, cols * bits / 8] uint8
+            bits, block = a.get("bits", 4), a.get("block_size", 128)
+            rows, cols = dims[node.input[0]][0], dims[node.input[0]][1] * 8 // bits
+        else:
+            continue
+        weight_inputs = [name for i, name in enumerate(node.input) if i in (0, 2, 3) and name] \
+            if node.op_type == "GatherBlockQuantized" else [name for name in node.input[1:4] if name]
+        scale_name = node.input[2]
+        blocks = rows * math.ceil(cols / block)
+        ideal += rows * cols * bits // 8 + blocks * (sizes.get(scale_name, 0) // max(blocks, 1))
         if len(node.input) > 3 and node.input[3]:
-            ideal += math.ceil(blocks * a["bits"] / 8)  # zero points, packed
-        quantized += sum(sizes.get(name, 0) for name in node.input[1:4] if name)
-    names_q = {name for node in graph.node if node.op_type == "MatMulNBits" for name in node.input[1:4] if name}
+            ideal += math.ceil(blocks * bits / 8)  # zero points, packed
+        quantized += sum(sizes.get(name, 0) for name in weight_inputs)
+        names_q.update(weight_inputs)
     other = sum(size for name, size in sizes.items() if name not in names_q)
     constants = sum(len(a.t.raw_data) for g in graphs(graph) for n in g.node if n.op_type == "Constant"
                     for a in n.attribute if a.name == "value")

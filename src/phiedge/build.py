@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import __version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config, telemetry
+from . import (__version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config, prequant,
+               telemetry)
 from .checkpoint import Checkpoint, inspect, parameter_shapes
 from .corpus import write_calibration
 from .catalog import pydantic_problems
@@ -59,9 +60,19 @@ class Plan:
     recipe_name: str
     recipe: dict
     validation: ValidationSettings
+    notes: tuple[str, ...] = ()
+
+    @property
+    def streamed(self) -> bool:
+        return olive_config.streamed(self.precision, self.int4)
+
+    def builder_input(self, workdir: Path) -> Path:
+        """What the builder reads: the checkpoint, or phiedge's quantized copy of it (method stream)."""
+        return workdir / "quantized" if self.streamed else self.checkpoint.path
 
     def olive_config(self, workdir: Path) -> dict:
-        return olive_config.fill(self.recipe, self.target, self.checkpoint.path, workdir, self.precision, self.int4)
+        return olive_config.fill(self.recipe, self.target, self.builder_input(workdir), workdir, self.precision,
+                                 self.int4)
 
 
 def stack_versions() -> dict[str, str]:
@@ -74,6 +85,21 @@ def stack_versions() -> dict[str, str]:
     return found
 
 
+def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
+    """The target's int4 settings with the user's on top. Options only the builder's quantization has
+    (another algorithm, float nodes, a shared table) switch a stream target to method builder, and method
+    builder drops the stream-only table and LM head precisions the user did not ask for."""
+    merged = {**target.model_dump(), **overrides}
+    builder_only = [k for k in ("algorithm", "float_nodes", "shared_embeddings")
+                    if k in overrides and overrides[k] not in ("default", [], None, False)]
+    if "method" not in overrides and merged["method"] == "stream" and builder_only:
+        merged["method"] = "builder"
+        notes.append(f"int4 method builder: {', '.join(builder_only)} is the builder's quantization setting")
+    if merged["method"] == "builder":
+        merged.update({k: v for k, v in (("embeddings", "float"), ("lm_head_bits", 4)) if k not in overrides})
+    return merged
+
+
 def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildOptions()) -> Plan:
     """Resolve target, checkpoint and options; every option problem is reported at once."""
     target = catalog.find_target(target_name)
@@ -83,8 +109,9 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     if precision not in PRECISIONS[target.execution_provider]:
         problems.append(f"precision {precision} is not available on {target.execution_provider} "
                         f"(choose {', '.join(PRECISIONS[target.execution_provider])})")
+    notes = []
     try:
-        int4 = Int4Settings(**{**target.int4.model_dump(), **options.int4})
+        int4 = Int4Settings(**merge_int4(target.int4, options.int4, notes))
     except ValidationError as exc:
         problems.extend(f"int4 {p}" for p in pydantic_problems(exc))
         int4 = target.int4
@@ -102,11 +129,20 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
+    why = prequant.unsupported(checkpoint.config) if olive_config.streamed(precision, int4) else None
+    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits")):
+        problems.append(f"int4 method stream: {why}")
+    elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
+        int4 = int4.model_copy(update={"method": "builder", "embeddings": "float", "lm_head_bits": 4})
+        notes.append(f"int4 method builder instead of the target's stream: {why}")
+    recipe_name = options.recipe or target.recipe
+    recipe = catalog.load_recipe(recipe_name)
+    if olive_config.streamed(precision, int4) and olive_config.requantizing_passes(recipe):
+        problems.append(f"recipe {recipe_name} quantizes with {', '.join(olive_config.requantizing_passes(recipe))}, "
+                        "which int4 method stream has done already: add --int4-method builder")
     if problems:
         raise ConfigError("build options", problems)
-    recipe_name = options.recipe or target.recipe
-    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, catalog.load_recipe(recipe_name),
-                validation)
+    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, recipe, validation, tuple(notes))
 
 
 def olive_env(workdir: Path) -> dict[str, str]:
@@ -149,6 +185,16 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
     if missing:  # Olive skips a pass whose config it rejects for this accelerator, and says so only in its log
         raise BuildError(f"Olive did not run pass(es) {', '.join(missing)} of the recipe: {last_error(log_path)}")
     return output, passes
+
+
+def stream_quantize(p: Plan, dest: Path, progress: Progress) -> None:
+    """Method stream: quantize the checkpoint matrix by matrix into the folder the builder reads."""
+    matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
+    progress.step(f"quantizing {matrices} matrices one at a time (ONNX Runtime's int4 kernel, block "
+                  f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits)")
+    with progress.bar(matrices, "quantize") as bar:
+        prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
+                       p.int4.embeddings, on_matrix=lambda _: bar.update(1))
 
 
 def last_error(log_path: Path) -> str:
@@ -237,12 +283,16 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                for d in config.get("data_configs") or []):
             n = write_calibration(olive_config.calibration_file(work), options.calibration)
             progress.step(f"calibration: {n} samples from {options.calibration or 'the stdlib training split'}")
+        for note in p.notes:
+            progress.warn(note)
         key = Exports.key(p, options.calibration)
         shared = exports.get(key, tmp) if exports is not None else None
         if shared is not None:
             files, passes, shared_with = shared
             progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
         else:
+            if p.streamed:
+                stream_quantize(p, p.builder_input(work), progress)
             olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
             files = collect(olive_output, tmp)
             if exports is not None:
@@ -287,6 +337,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                        "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
                        "notes": list(p.checkpoint.notes)},
             "fixes": {"layernorm_epsilon_nodes": fixed},
+            "notes": list(p.notes),
             "checks": {"graph": graph, "loaded_here": runs_here, "numeric_validation": report is not None,
                        "not_run_here": None if runs_here else
                        f"{p.target.execution_provider} is not available on this machine: the graph was checked "

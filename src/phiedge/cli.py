@@ -165,6 +165,12 @@ def train(out, like, steps, seed, force):
 @click.option("--shared-embeddings/--separate-embeddings", default=None,
               help="Embedding table shares the quantized LM head, or stays separate (default: the builder's).")
 @click.option("--float-node", "float_nodes", multiple=True, help="Keep this MatMul unquantized, e.g. /lm_head/MatMul.")
+@click.option("--int4-method", type=click.Choice(["builder", "stream"]), default=None,
+              help="stream: quantize matrix by matrix from the memory-mapped checkpoint (memory flat in model "
+                   "size); builder: the builder quantizes its fp32 graph.")
+@click.option("--embeddings", type=click.Choice(["float", "int8", "int4"]), default=None,
+              help="Precision of the input embedding table (int8/int4 need --int4-method stream).")
+@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None, help="Bits of the LM head (8: stream).")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
@@ -178,7 +184,7 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
+          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
           no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
@@ -188,7 +194,8 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
 
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
-                                  float_nodes=list(float_nodes) or None).items() if v is not None}
+                                  float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
+                                  lm_head_bits=lm_head_bits and int(lm_head_bits)).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if bool(target_name) == all_targets:

@@ -27,7 +27,19 @@ def builder_options(precision: str, int4: Int4Settings) -> dict:
     return options
 
 
+def streamed(precision: str, int4: Int4Settings) -> bool:
+    """Whether phiedge quantizes the checkpoint before the builder (`prequant`) for these settings."""
+    return precision == "int4" and int4.method == "stream"
+
+
+def requantizing_passes(recipe: dict) -> list[str]:
+    """Passes of a recipe that quantize the PyTorch model before the builder."""
+    return [p["type"] for p in recipe["passes"].values() if p["type"] in ("Gptq", "Rtn")]
+
+
 def builder_extra_options(precision: str, int4: Int4Settings) -> dict:
+    if streamed(precision, int4):  # the LM head is already quantized: the builder must not tie the table to it
+        return {"shared_embeddings": False}
     if precision == "int4" and int4.shared_embeddings is not None:
         return {"shared_embeddings": int4.shared_embeddings}
     return {}

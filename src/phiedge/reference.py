@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 PROMPTS = (
@@ -11,12 +12,63 @@ PROMPTS = (
 )
 
 
-def load_reference(model_dir: str | Path):
-    """The checkpoint in fp32 with transformers' built-in class (never remote code)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+# Above this many bytes of fp32 parameters the reference runs one decoder layer at a time: Phi-4-mini in fp32
+# is 15 GB, twice its bf16 checkpoint, and the bound on a build is 1.5x the checkpoint.
+LAYERWISE_ABOVE_BYTES = 4 * 10**9
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+
+def load_reference(model_dir: str | Path, layerwise: bool | None = None):
+    """The checkpoint in fp32 with transformers' built-in class (never remote code).
+
+    layerwise (default: when the fp32 weights exceed LAYERWISE_ABOVE_BYTES): only the embedding, final norm
+    and LM head stay in memory; each decoder layer's weights are read from the safetensors files when the
+    layer runs and dropped after it. Same modules, same fp32 arithmetic, same logits; slower per forward.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    if layerwise is None:
+        from .checkpoint import parameter_shapes
+
+        layerwise = 4 * sum(math.prod(s) for s in parameter_shapes(config).values()) > LAYERWISE_ABOVE_BYTES
+    if not layerwise:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
+        return model.eval()
+    return _layerwise(Path(model_dir), config)
+
+
+def _layerwise(model_dir: Path, config):
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from .prequant import Weights
+
+    weights = Weights(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+
+    def load(module, prefix: str) -> None:
+        state = {name: weights.tensor(prefix + name).to(torch.float32) for name, _ in module.named_parameters()}
+        module.load_state_dict(state, assign=True)
+
+    inner = model.model
+    for name, module in inner.named_children():
+        if name == "layers":
+            continue
+        if name == "rotary_emb":  # buffers computed from the config, not stored in the checkpoint
+            inner.rotary_emb = type(module)(config=config)
+        else:
+            load(module, f"model.{name}.")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = inner.embed_tokens.weight
+    else:
+        load(model.lm_head, "lm_head.")
+    for i, layer in enumerate(inner.layers):
+        layer.register_forward_pre_hook(lambda module, args, prefix=f"model.layers.{i}.": load(module, prefix))
+        layer.register_forward_hook(lambda module, args, output: (module.to("meta"), None)[1])
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     return model.eval()
 
 

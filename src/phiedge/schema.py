@@ -80,6 +80,14 @@ class Int4Settings(Strict):
         None, description="embedding table shares the quantized LM head (None: the builder's choice)")
     float_nodes: list[str] = Field(
         default_factory=list, description="MatMul nodes kept unquantized, e.g. /lm_head/MatMul")
+    method: Literal["builder", "stream"] = Field(
+        "builder", description="builder: the builder exports fp32 and quantizes the whole graph (memory grows "
+                               "~0.85 GB a layer at Phi-4-mini's widths); stream: phiedge quantizes one matrix at a "
+                               "time from the memory-mapped checkpoint with the same ONNX Runtime kernel and the "
+                               "builder reads the quantized checkpoint (Phi-3 family)")
+    embeddings: Literal["float", "int8", "int4"] = Field(
+        "float", description="input embedding table: float, or GatherBlockQuantized at 8 or 4 bits (stream only)")
+    lm_head_bits: Literal[4, 8] = Field(4, description="bits of the LM head's MatMulNBits (8: stream only)")
 
     @field_validator("block_size")
     @classmethod
@@ -87,6 +95,24 @@ class Int4Settings(Strict):
         if v not in BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {v}")
         return v
+
+    @model_validator(mode="after")
+    def _method(self) -> "Int4Settings":
+        if self.method == "builder":
+            if self.embeddings != "float" or self.lm_head_bits != 4:
+                raise ValueError("embeddings int8/int4 and lm_head_bits 8 need method: stream "
+                                 "(with the builder, use algorithm rtn_last for an 8-bit LM head)")
+            return self
+        problems = []
+        if self.algorithm != "default":
+            problems.append("algorithm default (it runs the default path's kernel)")
+        if self.float_nodes:
+            problems.append("no float_nodes")
+        if self.shared_embeddings:
+            problems.append("separate embeddings (set embeddings: int4 or int8 instead)")
+        if problems:
+            raise ValueError("method stream needs " + ", ".join(problems) + " (or choose method builder)")
+        return self
 
 
 class Thresholds(Strict):

@@ -1,0 +1,200 @@
+"""Quantize a checkpoint one matrix at a time, for builds whose memory must not grow with the model.
+
+Olive's ModelBuilder pass reads Olive-format quantized checkpoints (`quant_method: olive`) without loading a
+float model: their weights go into MatMulNBits (and an int8/int4 embedding table into GatherBlockQuantized)
+as they are. This module writes such a checkpoint. Every Linear weight, the LM head and, if the target asks,
+the embedding table are read from the safetensors files a slice of rows at a time, quantized by ONNX
+Runtime's own block quantization kernel (`quantize_matmul_4bits`/`_8bits`, the one the builder's default
+int4 path runs on its fp32 graph, so the weights come out identical), and written shard by shard.
+Peak memory is one shard of quantized weights plus one slice in fp32, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BuildError
+
+ROWS_PER_CHUNK = 8192  # output rows quantized at once: 8192 x 8192 fp32 is 256 MB at Phi-4's widths
+SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
+EMBEDDING = "model.embed_tokens.weight"
+EMBEDDING_BITS = {"int8": 8, "int4": 4}
+LM_HEAD = "lm_head.weight"
+# The builder's quantized-checkpoint reader knows Phi-3-style names (fused qkv_proj and gate_up_proj, model.norm),
+# not Phi-2's (dense, fc1, fc2, final_layernorm): Phi-2 goes through the builder's own quantization.
+ARCHITECTURES = ("Phi3ForCausalLM",)
+LINEAR_SUFFIXES = (".qkv_proj.weight", ".o_proj.weight", ".gate_up_proj.weight", ".down_proj.weight",
+                   ".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight")
+
+
+def unsupported(config: dict) -> str | None:
+    """Why this checkpoint cannot be quantized layer by layer, or None."""
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in ARCHITECTURES:
+        return f"{arch} is not read by the builder's quantized-checkpoint path (Phi-3 family only)"
+    if "quantization_config" in config:
+        return "the checkpoint is already quantized"
+    return None
+
+
+def quantize_rows(weight, bits: int, block_size: int, symmetric: bool, rows: int = ROWS_PER_CHUNK):
+    """ONNX Runtime's block quantization of a [N, K] weight (a Linear's layout; blocks run along K).
+
+    Returns (packed [N, K*bits/8] uint8, scales [N, K/block] float32, zero points [N, ceil(blocks*bits/8)]
+    uint8): the MatMulNBits layout, which is also GatherBlockQuantized's for a [vocab, hidden] table.
+    `weight` may be any tensor or array slicable by rows (a memory-mapped safetensors slice); it is read
+    `rows` rows at a time, so only one chunk is ever in fp32.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    kernel = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
+    n, k = weight.shape
+    if k % block_size:
+        raise BuildError(f"a {n} x {k} weight does not split into blocks of {block_size}")
+    blocks, blob = k // block_size, block_size * bits // 8
+    packed = np.empty((n, blocks * blob), dtype=np.uint8)
+    scales = np.empty((n, blocks), dtype=np.float32)
+    zero_points = np.empty((n, (blocks * bits + 7) // 8), dtype=np.uint8)
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        chunk = _fp32(weight[start:stop])
+        fp32 = np.ascontiguousarray(chunk.T)  # the kernel takes B of MatMul(A, B): [K, N]
+        del chunk
+        cols = stop - start
+        p = np.zeros((cols, blocks, blob), dtype=np.uint8)
+        s = np.zeros((cols, blocks), dtype=np.float32)
+        z = np.zeros((cols, zero_points.shape[1]), dtype=np.uint8)
+        kernel(p, fp32, s, z, block_size, cols, k, symmetric)
+        packed[start:stop], scales[start:stop], zero_points[start:stop] = p.reshape(cols, -1), s, z
+    return packed, scales, zero_points
+
+
+def _fp32(tensor) -> np.ndarray:
+    import torch
+
+    if isinstance(tensor, torch.Tensor):
+        return tensor.to(torch.float32).numpy()
+    return np.asarray(tensor, dtype=np.float32)
+
+
+class Rows:
+    """One tensor of a safetensors file, read a slice of rows at a time.
+
+    The file is opened (memory-mapped) for each read and closed after it, so the pages read do not stay
+    mapped: resident memory holds the rows being quantized, not the checkpoint.
+    """
+
+    def __init__(self, path: Path, name: str, shape: list[int]):
+        self.path, self.name, self.shape = path, name, tuple(shape)
+
+    def __getitem__(self, rows: slice):
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_slice(self.name)[rows].clone()
+
+    def read(self):
+        return self[0: self.shape[0]] if self.shape else self[...]
+
+
+class Weights:
+    """Where each tensor of a checkpoint's safetensors files is, by name."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+
+        self.tensors: dict[str, Rows] = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    self.tensors[name] = Rows(path, name, f.get_slice(name).get_shape())
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def rows(self, name: str) -> Rows:
+        return self.tensors[name]
+
+    def tensor(self, name: str):
+        return self.tensors[name].read()
+
+
+def is_linear(name: str) -> bool:
+    return name.startswith("model.layers.") and name.endswith(LINEAR_SUFFIXES)
+
+
+def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
+    """Matrices `write` quantizes: the layers' Linear weights, the LM head and perhaps the embedding table."""
+    return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings != "float")
+
+
+def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
+          embeddings: str = "float", on_matrix=None) -> dict:
+    """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
+
+    Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
+    (quantized from the embedding when the checkpoint ties them), the embedding table at 8 or 4 bits or as
+    it is (`embeddings`: int8, int4, float). Norms are copied. Returns the quantization_config written into
+    config.json, which tells Olive's ModelBuilder pass what it reads.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    out.mkdir(parents=True)
+    for path in model_dir.iterdir():  # tokenizer, chat template, generation config: as they are
+        if path.is_file() and not path.name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
+                and path.name != "config.json":
+            shutil.copy2(path, out / path.name)
+    weights = Weights(model_dir)
+    names = weights.names()
+    shard: dict[str, torch.Tensor] = {}
+    written = {"bytes": 0, "files": 0}
+
+    def flush() -> None:
+        if shard:
+            save_file(shard, str(out / f"model-{written['files']:05d}.safetensors"), metadata={"format": "pt"})
+            shard.clear()
+            written["files"] += 1
+
+    def put(name: str, tensor) -> None:
+        shard[name] = torch.from_numpy(tensor) if isinstance(tensor, np.ndarray) else tensor.contiguous()
+        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
+            flush()
+
+    def quantized(prefix: str, source: str, bits: int) -> None:
+        packed, scales, zeros = quantize_rows(weights.rows(source), bits, block_size, symmetric)
+        put(f"{prefix}.qweight", packed)
+        put(f"{prefix}.scales", scales)
+        if not symmetric:
+            put(f"{prefix}.qzeros", zeros)
+        if on_matrix:
+            on_matrix(prefix)
+
+    for name in names:
+        if name == LM_HEAD:
+            continue
+        if name == EMBEDDING and embeddings != "float":
+            quantized("model.embed_tokens", name, EMBEDDING_BITS[embeddings])
+        elif is_linear(name):
+            quantized(name[: -len(".weight")], name, 4)
+        else:
+            put(name, weights.tensor(name))
+    quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
+    flush()
+    overrides = {}
+    if lm_head_bits != 4:
+        overrides["lm_head"] = {"bits": lm_head_bits}
+    if embeddings == "int8":
+        overrides["model.embed_tokens"] = {"bits": 8}
+    # Olive's loader (which its ModelBuilder pass patches into the builder) reads these keys; the LM head is
+    # written apart from the table even when the checkpoint ties them, since their precisions may differ
+    quant = {"quant_method": "olive", "bits": 4, "symmetric": symmetric, "group_size": block_size,
+             "lm_head": True, "embeds": embeddings != "float", "tie_word_embeddings": False,
+             "modules_to_not_convert": None, "overrides": overrides or None}
+    (out / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=2))
+    return quant
