@@ -1,29 +1,34 @@
-"""Memory and time of int4 builds as Phi-4-mini grows from 2 to 32 layers: phiedge's recipes and the raw builder.
+"""Memory, time and size of int4 builds as a Phi model grows to its full size: phiedge and the raw builder.
 
-    python benchmarks/fullsize.py                          # 2, 4, 8 and 32 layers (about 20 minutes)
+    python benchmarks/fullsize.py                                   # Phi-4-mini at 2, 4, 8 and 32 layers
+    python benchmarks/fullsize.py --like phi-4 --layers 2,4,8,16,40 # Phi-4 (14 B): does it fit 32 GB?
+    python benchmarks/fullsize.py --layers 32 --validate            # the full build, validated as usual
     python benchmarks/fullsize.py --layers 2,4 --markdown
-    python benchmarks/fullsize.py --raw-max-layers 8       # the raw builder only up to 8 layers (default)
 
-Each checkpoint is `phiedge synth --like phi-4-mini --layers L` (real widths and vocabulary, bf16, random
-weights). Each build runs under /usr/bin/time -v, which gives its peak resident memory (the largest process
-of the build, Olive's child included) and wall time:
-- phiedge cpu: `phiedge build --target cpu` (the builder exports fp32, then quantizes the whole graph);
-- phiedge cpu-rtn: `--recipe cpu-rtn` (Olive's Rtn pass quantizes the PyTorch model, the builder reads the
-  quantized checkpoint);
+Each checkpoint is `phiedge synth --like VARIANT --layers L` (real widths and vocabulary, bf16, random
+weights: every matrix has its real size, so memory and time are the real ones). Builds, each in turn:
+- phiedge cpu: `phiedge build --target cpu` (int4 method stream: phiedge quantizes the checkpoint matrix by
+  matrix, Olive's ModelBuilder pass reads the quantized checkpoint);
+- phiedge cpu, method builder: `--int4-method builder` (the builder exports fp32, then quantizes the graph);
 - raw builder: `python -m onnxruntime_genai.models.builder` with the cpu target's int4 settings.
-The raw builder and the default recipe need about 15 GB at 4 layers and grow by about 2.4 GB a layer at
-0.14.1, so they are run only up to --raw-max-layers. Prints one JSON line per build: layers, method,
-peak RSS, wall seconds, checkpoint bytes and output folder bytes (or the error).
+The last two grow about 0.85 GB a layer at Phi-4-mini's widths, so they run only up to --builder-max-layers.
+Peak memory is sampled every 0.1 s as the sum of the resident memory of the whole process tree (phiedge, the
+Olive child, the validation), and also read from /usr/bin/time -v (its largest single process). Prints one
+JSON line per build: layers, method, peaks, wall seconds, checkpoint bytes, output folder bytes and, for
+phiedge, its weight accounting (bytes over the ideal int4 size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -33,26 +38,58 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def tree_rss(root: int) -> int:
+    """Resident bytes of a process and all its descendants, from /proc."""
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    stack += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return total
+
+
 def timed(cmd: list[str]) -> dict:
-    """Run under /usr/bin/time -v: peak RSS, wall seconds, exit status."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", proc.stderr)
+    """Run under /usr/bin/time -v while sampling the process tree: peak RSS (tree and largest process), wall."""
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    peak = [0]
+
+    def sample():
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stderr = proc.communicate()[1]
+    sampler.join()
+    largest = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", stderr)
     seconds = sum(float(x) * 60 ** i for i, x in enumerate(reversed(wall.group(1).split(":")))) if wall else None
-    tail = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("\t")][-1:]
-    return {"peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None, "wall_seconds": seconds,
-            "exit": proc.returncode, **({"error": tail[0][-300:]} if proc.returncode and tail else {})}
+    tail = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("\t")][-1:]
+    return {"peak_tree_rss_bytes": peak[0], "peak_process_rss_bytes": int(largest.group(1)) * 1024 if largest else None,
+            "wall_seconds": seconds, "exit": proc.returncode,
+            **({"error": tail[0][-300:]} if proc.returncode and tail else {})}
 
 
-def builds(checkpoint: Path, work: Path, layers: int, raw_max: int) -> list[tuple[str, list[str], Path]]:
+def builds(checkpoint: Path, work: Path, layers: int, builder_max: int, validate: bool) -> list[tuple]:
     from phiedge.catalog import find_target
 
     int4 = find_target("cpu").int4
-    out = {name: work / f"{name}-{layers}" for name in ("cpu", "cpu-rtn", "raw")}
-    phiedge = [str(BIN / "phiedge"), "build", "--target", "cpu", "--model", str(checkpoint), "--no-validate", "-q"]
-    planned = [("phiedge cpu-rtn", [*phiedge, "--recipe", "cpu-rtn", "-o", str(out["cpu-rtn"])], out["cpu-rtn"])]
-    if layers <= raw_max:
-        planned.insert(0, ("phiedge cpu", [*phiedge, "-o", str(out["cpu"])], out["cpu"]))
+    out = {name: work / f"{name}-{layers}" for name in ("stream", "builder", "raw")}
+    phiedge = [str(BIN / "phiedge"), "build", "--target", "cpu", "--model", str(checkpoint), "-q",
+               *([] if validate else ["--no-validate"])]
+    planned = [("phiedge cpu" + (", validated" if validate else ""), [*phiedge, "-o", str(out["stream"])],
+                out["stream"])]
+    if layers <= builder_max:
+        planned.append(("phiedge cpu, method builder",
+                        [*phiedge, "--int4-method", "builder", "-o", str(out["builder"])], out["builder"]))
         extra = [f"int4_block_size={int4.block_size}", f"int4_accuracy_level={int4.accuracy_level}",
                  f"int4_is_symmetric={str(int4.symmetric).lower()}", "hf_token=false", "hf_remote=false",
                  "prune_lm_head=true"]
@@ -62,11 +99,27 @@ def builds(checkpoint: Path, work: Path, layers: int, raw_max: int) -> list[tupl
     return planned
 
 
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | layers | method | peak RSS GB (tree) | x bf16 checkpoint | largest process GB | wall s | "
+             "checkpoint GB | output GB | over ideal int4 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peak = r["peak_tree_rss_bytes"] or 0
+        status = "" if r["exit"] == 0 else f" (failed: {r.get('error', r['exit'])})"
+        over = f"{r['over_ideal']:.3f}" if r.get("over_ideal") else ""
+        lines.append(f"| {r['like']} | {r['layers']} | {r['method']}{status} | {peak / 1e9:.1f} | "
+                     f"{peak / r['checkpoint_bytes']:.2f} | {(r['peak_process_rss_bytes'] or 0) / 1e9:.1f} | "
+                     f"{r['wall_seconds']:.0f} | {r['checkpoint_bytes'] / 1e9:.2f} | "
+                     f"{(r['output_bytes'] or 0) / 1e9:.2f} | {over} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--like", default="phi-4-mini", help="variant whose real widths and vocabulary to use")
     parser.add_argument("--layers", default="2,4,8,32", help="comma-separated layer counts")
-    parser.add_argument("--raw-max-layers", type=int, default=8,
-                        help="run the raw builder and the default recipe only up to this many layers")
+    parser.add_argument("--builder-max-layers", type=int, default=8,
+                        help="run the raw builder and phiedge's method builder only up to this many layers")
+    parser.add_argument("--validate", action="store_true", help="validate phiedge's stream builds (slow at full size)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and builds go (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
     args = parser.parse_args()
@@ -74,28 +127,26 @@ def main() -> int:
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         work = Path(work)
         for layers in [int(x) for x in args.layers.split(",")]:
-            checkpoint = work / f"phi-4-mini-{layers}"
-            print(f"[fullsize] synth {layers} layers", file=sys.stderr, flush=True)
-            subprocess.run([str(BIN / "phiedge"), "synth", "--like", "phi-4-mini", "--layers", str(layers), "-o",
-                            str(checkpoint)], check=True, stdout=subprocess.DEVNULL)
-            for method, cmd, out in builds(checkpoint, work, layers, args.raw_max_layers):
+            checkpoint = work / f"{args.like}-{layers}"
+            print(f"[fullsize] synth {args.like}, {layers} layers", file=sys.stderr, flush=True)
+            subprocess.run([str(BIN / "phiedge"), "synth", "--like", args.like, "--layers", str(layers), "-o",
+                            str(checkpoint)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for method, cmd, out in builds(checkpoint, work, layers, args.builder_max_layers, args.validate):
                 print(f"[fullsize] {method}, {layers} layers", file=sys.stderr, flush=True)
-                row = {"layers": layers, "method": method, **timed(cmd), "checkpoint_bytes": folder_bytes(checkpoint),
+                row = {"like": args.like, "layers": layers, "method": method, **timed(cmd),
+                       "checkpoint_bytes": folder_bytes(checkpoint),
                        "output_bytes": folder_bytes(out) if out.exists() else None}
+                record = out / "phiedge_build.json"
+                if record.is_file():
+                    weights = json.loads(record.read_text())["weights"]
+                    row.update(ideal_bytes=weights["ideal_bytes"], over_ideal=weights["over_ideal"])
                 rows.append(row)
                 if not args.markdown:
                     print(json.dumps(row), flush=True)
                 subprocess.run(["rm", "-rf", str(out)], check=True)
             subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
     if args.markdown:
-        print("| layers | method | peak RSS GB | x checkpoint | wall s | checkpoint GB | output GB |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            peak = r["peak_rss_bytes"] or 0
-            status = "" if r["exit"] == 0 else f" (failed: {r.get('error', r['exit'])})"
-            print(f"| {r['layers']} | {r['method']}{status} | {peak / 1e9:.1f} | {peak / r['checkpoint_bytes']:.1f} | "
-                  f"{r['wall_seconds']:.0f} | {r['checkpoint_bytes'] / 1e9:.2f} | "
-                  f"{(r['output_bytes'] or 0) / 1e9:.2f} |")
+        print(markdown(rows))
     return 0
 
 

@@ -1,10 +1,11 @@
 import json
+import re
 
 import pytest
 
 from phiedge import build as build_mod
 from phiedge.build import BuildOptions, build, plan
-from phiedge.errors import BuildError, ConfigError
+from phiedge.errors import BuildError, ConfigError, ModelError
 from phiedge.generate import generate, load
 from phiedge.reference import greedy_parity
 
@@ -110,9 +111,13 @@ def test_olive_failure_is_detected_and_nothing_is_left(checkpoints, tmp_path):
     weights.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
     out = tmp_path / "out"
     with pytest.raises(BuildError, match="Olive produced no model"):
-        build(broken, "cpu", out)
+        build(broken, "cpu", out, BuildOptions(int4={"method": "builder"}))
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    with pytest.raises(ModelError, match=re.escape(f"{name} is {header[name]['shape']} in the checkpoint, but the "
+                                                   f"config makes it {header[name]['shape'][::-1]}")):
+        build(broken, "cpu", out)  # method stream reads the weights itself, and checks them first
+    assert not out.exists()
 
 
 def test_failed_rebuild_keeps_earlier_output(checkpoints, tmp_path, monkeypatch):

@@ -86,8 +86,12 @@ def test_dry_run_prints_the_olive_config_and_writes_nothing(runner, checkpoints,
     assert result.exit_code == 0, result.output
     config = json.loads(result.output)
     assert config["passes"]["builder"]["int4_block_size"] == 128
-    assert config["input_model"]["model_path"].endswith("phi-4-mini")
+    # method stream: the builder reads the checkpoint phiedge quantizes into the work folder
+    assert config["input_model"]["model_path"] == "<workdir>/quantized"
     assert list(tmp_path.iterdir()) == []
+    result = runner.invoke(cli, ["build", "--target", "cpu", "--model", checkpoints["phi-4-mini"], "--dry-run",
+                                 "--int4-method", "builder"])
+    assert json.loads(result.output)["input_model"]["model_path"].endswith("phi-4-mini")
 
 
 def test_build_through_the_cli(runner, checkpoints, tmp_path):

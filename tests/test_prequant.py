@@ -130,7 +130,7 @@ def test_stream_refuses_a_recipe_that_quantizes_again(checkpoints, tmp_path):
     assert not plan(checkpoints["phi-4-mini"], "cpu", BuildOptions(recipe="cpu-rtn",
                                                                    int4={"method": "builder"})).streamed
     config = plan(checkpoints["phi-4-mini"], "cpu").olive_config(tmp_path)
-    assert config["input_model"]["model_path"] == str((tmp_path / "quantized").resolve())
+    assert config["input_model"]["model_path"] == str(tmp_path / "quantized")
 
 
 def test_builder_settings_switch_a_stream_target_to_the_builder(checkpoints):

@@ -55,7 +55,8 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
     precision = precision or target.precision
     int4 = int4 or target.int4
     config = copy.deepcopy(recipe)
-    config["input_model"]["model_path"] = str(Path(model_dir).resolve())
+    model_dir = Path(model_dir)  # a folder that is yet to be made (method stream's) is shown as given
+    config["input_model"]["model_path"] = str(model_dir.resolve() if model_dir.exists() else model_dir)
     for system in config["systems"].values():
         system["accelerators"] = [{"device": DEVICES[target.execution_provider],
                                    "execution_providers": [PROVIDERS[target.execution_provider]]}]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BuildError
+from .errors import BuildError, ModelError
 
 ROWS_PER_CHUNK = 8192  # output rows quantized at once: 8192 x 8192 fp32 is 256 MB at Phi-4's widths
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
@@ -123,6 +123,19 @@ class Weights:
         return self.tensors[name].read()
 
 
+def check_shapes(weights: Weights, config: dict) -> None:
+    """Every tensor the config implies, at the shape it implies: a wrong header would otherwise be quantized
+    into a model that only fails when it is loaded."""
+    from .checkpoint import parameter_shapes
+
+    for name, shape in parameter_shapes(config).items():
+        if name not in weights.tensors:
+            raise ModelError(f"the checkpoint lacks {name}, which the config implies")
+        found = list(weights.rows(name).shape)
+        if found != list(shape):
+            raise ModelError(f"{name} is {found} in the checkpoint, but the config makes it {list(shape)}")
+
+
 def is_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(LINEAR_SUFFIXES)
 
@@ -145,12 +158,13 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     from safetensors.torch import save_file
 
     config = json.loads((model_dir / "config.json").read_text())
+    weights = Weights(model_dir)
+    check_shapes(weights, config)
     out.mkdir(parents=True)
     for path in model_dir.iterdir():  # tokenizer, chat template, generation config: as they are
         if path.is_file() and not path.name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
                 and path.name != "config.json":
             shutil.copy2(path, out / path.name)
-    weights = Weights(model_dir)
     names = weights.names()
     shard: dict[str, torch.Tensor] = {}
     written = {"bytes": 0, "files": 0}
