@@ -112,7 +112,8 @@ def onnx_bytes_per_token(model_path: Path) -> int:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
-    gathered = {n.input[0] for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")}
+    gathered = {name for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
+                for i, name in enumerate(n.input) if i != 1}  # the table (and its scales), not the ids
     total = 0
     for init in model.graph.initializer:
         if init.name in gathered or "cos_cache" in init.name or "sin_cache" in init.name:
@@ -280,7 +281,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="checkpoint (default: synth Phi-4-mini's shape, 4 layers)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test")
-    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32"],
+    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "lm8"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
@@ -318,6 +319,11 @@ def main() -> int:
             b32 = phiedge_build(model_dir, work / "phiedge-b32", args.threads, "--block-size", "32")
             emit(phiedge_speed(b32, 1, args.repetitions, "cpu target at block 32"),
                  bytes_per_token=onnx_bytes_per_token(b32 / "model.onnx"))
+        if "lm8" not in args.skip:
+            log("phiedge with an 8-bit LM head")
+            lm8 = phiedge_build(model_dir, work / "phiedge-lm8", args.threads, "--lm-head-bits", "8")
+            emit(phiedge_speed(lm8, 1, args.repetitions, "cpu target, 8-bit LM head"),
+                 bytes_per_token=onnx_bytes_per_token(lm8 / "model.onnx"))
         if "unpruned" not in args.skip:
             log("builder without prune_lm_head")
             unpruned = builder_unpruned(model_dir, work / "unpruned", args.threads)

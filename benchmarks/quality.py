@@ -3,6 +3,7 @@
     python benchmarks/quality.py                      # trains the stdlib model (600 steps, ~4 min) first
     python benchmarks/quality.py --model DIR          # or use a checkpoint made by `phiedge train`
     python benchmarks/quality.py --markdown           # a table instead of JSON lines
+    python benchmarks/quality.py --model DIR --only stream   # only the settings whose name has "stream"
 
 Every setting is built for the cpu target by `phiedge build` and measured by `phiedge validate`'s code
 on the same held-out token ids: KL(reference || built) mean and p99, top-1 agreement, perplexity ratio,
@@ -100,6 +101,7 @@ def main() -> int:
     parser.add_argument("--model", help="trained checkpoint (default: train one with `phiedge train`'s code)")
     parser.add_argument("--steps", type=int, default=600, help="training steps when no --model is given")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
+    parser.add_argument("--only", help="run only the settings whose name contains this text (fp32 always runs)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -109,6 +111,8 @@ def main() -> int:
             model_dir = train(Path(tmp) / "trained", steps=args.steps)["path"]
         rows = []
         for name, precision, int4, *recipe in SETTINGS:
+            if args.only and args.only not in name and precision != "fp32":
+                continue
             row = measure(model_dir, Path(tmp), name, precision, int4, *recipe)
             rows.append(row)
             if not args.markdown:

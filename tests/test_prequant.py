@@ -115,13 +115,17 @@ def test_stream_embedding_table_is_gather_block_quantized(builds):
     assert record["int4"]["embeddings"] == "int8" and record["validation"] is not None
 
 
-def test_phi2_falls_back_to_the_builder_unless_stream_was_asked_for(checkpoints):
+def test_phi2_falls_back_to_the_builder_unless_stream_was_asked_for(checkpoints, tmp_path):
     p = plan(checkpoints["phi-2"], "cpu")
     assert p.int4.method == "builder" and p.int4.embeddings == "float" and not p.streamed
     assert "PhiForCausalLM" in p.notes[0]
     with pytest.raises(ConfigError, match="int4 method stream: PhiForCausalLM"):
         plan(checkpoints["phi-2"], "cpu", BuildOptions(int4={"method": "stream"}))
     assert plan(checkpoints["phi-4-mini"], "cpu").streamed
+    config = json.loads((Path(checkpoints["phi-4-mini"]) / "config.json").read_text())
+    assert prequant.unsupported(config, checkpoints["phi-4-mini"]) is None
+    assert "not in safetensors" in prequant.unsupported(config, tmp_path)  # pytorch_model.bin checkpoints
+    assert "already quantized" in prequant.unsupported({**config, "quantization_config": {}}, tmp_path)
 
 
 def test_stream_refuses_a_recipe_that_quantizes_again(checkpoints, tmp_path):

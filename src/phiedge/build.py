@@ -129,7 +129,7 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
-    why = prequant.unsupported(checkpoint.config) if olive_config.streamed(precision, int4) else None
+    why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
     if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits")):
         problems.append(f"int4 method stream: {why}")
     elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
@@ -195,6 +195,7 @@ def stream_quantize(p: Plan, dest: Path, progress: Progress) -> None:
     with progress.bar(matrices, "quantize") as bar:
         prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
                        p.int4.embeddings, on_matrix=lambda _: bar.update(1))
+    prequant.release_memory()
 
 
 def last_error(log_path: Path) -> str:
