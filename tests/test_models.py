@@ -16,11 +16,14 @@ def test_parse_size_rejects_nonsense():
         parse_size("lots")
 
 
-def test_footprint_counts_the_fp32_embedding_and_kv_cache():
+def test_footprint_counts_the_embedding_table_and_kv_cache():
     mini = int4_footprint(catalog.find_variant("phi-4-mini"))
     assert mini["kv_cache"] == 2 * 32 * 8 * 128 * 4096 * 4  # layers x kv heads x head dim x tokens x fp32
-    embed_fp32 = 200064 * 3072 * 4
-    assert embed_fp32 < mini["weights"] < embed_fp32 + 3.84e9 * 0.7
+    table = 200064 * 3072 * (1 + 4 / 32)  # int8, one fp32 scale per 32
+    int4 = 3836021760 * (4 + 32 / 32) / 8  # every matrix (the tied LM head too) at 4 bits + scales
+    assert mini["weights"] == int(int4 + table)
+    phi2 = catalog.find_variant("phi-2").config  # the builder's own path: fp32 table
+    assert int4_footprint(catalog.find_variant("phi-2"))["weights"] > phi2["vocab_size"] * phi2["hidden_size"] * 4
 
 
 def test_recommend_picks_the_largest_that_fits_the_task():

@@ -117,3 +117,7 @@ def test_package_into_a_folder_names_the_archive(runner, builds, tmp_path):
     assert result.exit_code == 0, result.output
     written = json.loads(result.stdout)["archive"]
     assert written == str(tmp_path / "phi-4-mini-synth-int4-cpu-phiedge0.1.0.zip") and Path(written).is_file()
+    # a folder that does not exist yet, named with a trailing slash (as in `-o dist/`), is made
+    result = runner.invoke(cli, ["package", str(builds("phi-4-mini", "int4")), "-o", str(tmp_path / "dist") + "/"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "dist" / "phi-4-mini-synth-int4-cpu-phiedge0.1.0.zip").is_file()

@@ -7,6 +7,7 @@ import re
 from . import catalog
 from .checkpoint import head_dim
 from .errors import ConfigError
+from .prequant import ARCHITECTURES
 from .schema import Variant
 
 GB = 1024**3
@@ -25,13 +26,16 @@ def parse_size(text: str) -> int:
 
 
 def int4_footprint(v: Variant, context: int = CONTEXTS[0], block_size: int = 32) -> dict[str, int]:
-    """Bytes at run time for an int4 CPU build (ONNX Runtime GenAI 0.14: fp32 embedding table)."""
+    """Bytes at run time for an int4 CPU build as the targets make it: int8 embedding table (int4 method
+    stream) for the Phi-3 family, the builder's fp32 table for the others (Phi-2)."""
     cfg = v.config
     embed = cfg["vocab_size"] * cfg["hidden_size"]
     quantized = v.params - embed  # layers and (untied or tied-copy) LM head
     if cfg.get("tie_word_embeddings"):
-        quantized += embed  # the builder writes the tied LM head as its own int4 MatMul
-    weights = int(quantized * (4 + 32 / block_size) / 8) + embed * 4
+        quantized += embed  # the tied LM head is written as its own int4 MatMul
+    streamed = (cfg.get("architectures") or [""])[0] in ARCHITECTURES
+    table = embed * (1 + 4 / block_size) if streamed else embed * 4  # int8 + an fp32 scale per block, or fp32
+    weights = int(quantized * (4 + 32 / block_size) / 8 + table)
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     kv_cache = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim(cfg) * context * 4
     return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache + int(RUNTIME_OVERHEAD)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -165,19 +166,21 @@ def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:
 
 
 def archive_path(out: str | Path, name: str) -> Path:
-    """Where `phiedge package -o OUT` writes: OUT itself, or OUT/NAME.zip when OUT is a folder."""
-    out = Path(out)
-    return out / f"{name}.zip" if out.is_dir() else out
+    """Where `phiedge package -o OUT` writes: OUT itself, or OUT/NAME.zip when OUT is a folder (one that
+    exists, or a path ending in a slash, which is made)."""
+    folder = str(out).endswith(("/", os.sep)) or Path(out).is_dir()
+    return Path(out) / f"{name}.zip" if folder else Path(out)
 
 
 def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict:
     """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest."""
-    model_dir, out = Path(model_dir), Path(out)
+    model_dir = Path(model_dir)
     if not (model_dir / RECORD).is_file() or not (model_dir / "genai_config.json").is_file():
         raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
     record = json.loads((model_dir / RECORD).read_text())
     name = bundle_name(record)
     out = archive_path(out, name)
+    out.parent.mkdir(parents=True, exist_ok=True)
     check_output(out, force)
     layout = (record.get("bundle") or {}).get("layout", "flat")
     sources = entries(model_dir, layout)
