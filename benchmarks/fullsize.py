@@ -3,6 +3,7 @@
     python benchmarks/fullsize.py                                   # Phi-4-mini at 2, 4, 8 and 32 layers
     python benchmarks/fullsize.py --like phi-4 --layers 2,4,8,16,40 # Phi-4 (14 B): does it fit 32 GB?
     python benchmarks/fullsize.py --layers 32 --validate            # the full build, validated as usual
+    python benchmarks/fullsize.py --layers 32 --target android      # another target's settings
     python benchmarks/fullsize.py --layers 2,4 --markdown
 
 Each checkpoint is `phiedge synth --like VARIANT --layers L` (real widths and vocabulary, bf16, random
@@ -78,17 +79,17 @@ def timed(cmd: list[str]) -> dict:
             **({"error": tail[0][-300:]} if proc.returncode and tail else {})}
 
 
-def builds(checkpoint: Path, work: Path, layers: int, builder_max: int, validate: bool) -> list[tuple]:
+def builds(checkpoint: Path, work: Path, layers: int, builder_max: int, validate: bool, target: str) -> list[tuple]:
     from phiedge.catalog import find_target
 
-    int4 = find_target("cpu").int4
+    int4 = find_target(target).int4
     out = {name: work / f"{name}-{layers}" for name in ("stream", "builder", "raw")}
-    phiedge = [str(BIN / "phiedge"), "build", "--target", "cpu", "--model", str(checkpoint), "-q",
+    phiedge = [str(BIN / "phiedge"), "build", "--target", target, "--model", str(checkpoint), "-q",
                *([] if validate else ["--no-validate"])]
-    planned = [("phiedge cpu" + (", validated" if validate else ""), [*phiedge, "-o", str(out["stream"])],
+    planned = [(f"phiedge {target}" + (", validated" if validate else ""), [*phiedge, "-o", str(out["stream"])],
                 out["stream"])]
     if layers <= builder_max:
-        planned.append(("phiedge cpu, method builder",
+        planned.append((f"phiedge {target}, method builder",
                         [*phiedge, "--int4-method", "builder", "-o", str(out["builder"])], out["builder"]))
         extra = [f"int4_block_size={int4.block_size}", f"int4_accuracy_level={int4.accuracy_level}",
                  f"int4_is_symmetric={str(int4.symmetric).lower()}", "hf_token=false", "hf_remote=false",
@@ -119,6 +120,7 @@ def main() -> int:
     parser.add_argument("--layers", default="2,4,8,32", help="comma-separated layer counts")
     parser.add_argument("--builder-max-layers", type=int, default=8,
                         help="run the raw builder and phiedge's method builder only up to this many layers")
+    parser.add_argument("--target", default="cpu", help="phiedge target to build for (the raw builder gets its settings)")
     parser.add_argument("--validate", action="store_true", help="validate phiedge's stream builds (slow at full size)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and builds go (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
@@ -131,7 +133,8 @@ def main() -> int:
             print(f"[fullsize] synth {args.like}, {layers} layers", file=sys.stderr, flush=True)
             subprocess.run([str(BIN / "phiedge"), "synth", "--like", args.like, "--layers", str(layers), "-o",
                             str(checkpoint)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            for method, cmd, out in builds(checkpoint, work, layers, args.builder_max_layers, args.validate):
+            for method, cmd, out in builds(checkpoint, work, layers, args.builder_max_layers, args.validate,
+                                           args.target):
                 print(f"[fullsize] {method}, {layers} layers", file=sys.stderr, flush=True)
                 row = {"like": args.like, "layers": layers, "method": method, **timed(cmd),
                        "checkpoint_bytes": folder_bytes(checkpoint),

@@ -103,3 +103,21 @@ def test_large_checkpoints_are_sharded(tmp_path, monkeypatch):
 
     _, info = AutoModelForCausalLM.from_pretrained(tmp_path / "s", output_loading_info=True)
     assert not info["missing_keys"]
+
+
+def test_shards_are_written_as_they_fill(tmp_path, monkeypatch):
+    """A shard goes to disk before the next one's tensors are made: Phi-4's 29 GB never sit in memory."""
+    import safetensors.torch
+
+    from phiedge import synth as synth_mod
+
+    events = []
+    make, save = synth_mod._tensor, safetensors.torch.save_file
+    monkeypatch.setattr(synth_mod, "SHARD_BYTES", 2 * 1024**2)
+    monkeypatch.setattr(synth_mod, "_tensor", lambda name, *a: events.append("make") or make(name, *a))
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda *a, **k: events.append("save") or save(*a, **k))
+    out = synth("phi-4-mini", tmp_path / "c", Shrink(layers=2, heads=3, kv_heads=1, intermediate=512, vocab=2048))
+    shards = sorted((tmp_path / "c").glob("model-*.safetensors"))
+    assert len(shards) == events.count("save") > 2
+    assert events.index("save") < len(events) - events[::-1].index("make") - 1  # saved before the last make
+    assert inspect(out["path"]).config["num_hidden_layers"] == 2
