@@ -296,6 +296,8 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                 stream_quantize(p, p.builder_input(work), progress)
             olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
             files = collect(olive_output, tmp)
+            if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating
+                shutil.rmtree(p.builder_input(work))
             if exports is not None:
                 exports.put(key, tmp, passes, p.target.name)
         model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]
