@@ -38,8 +38,10 @@ def test_targets_lists_cpu(runner):
     assert shown["cpu"]["precision"] == "int4" and shown["cpu"]["context_cap"] == 4096
     assert (shown["android"]["provider"], shown["android"]["ram_gb"], shown["android"]["context_cap"]) == ("cpu", 8, 2048)
     assert (shown["windows-dml"]["provider"], shown["windows-dml"]["validated_here"]) == ("dml", False)
+    assert (shown["cpu"]["int4_method"], shown["cpu"]["table"], shown["windows-dml"]["table"]) == \
+        ("stream", "int8", "float")
     table = runner.invoke(cli, ["targets"]).output
-    assert "ram_gb" in table and "ios" in table
+    assert "ram_gb" in table and "ios" in table and "int4_method" in table
 
 
 def one_line_error(result):
