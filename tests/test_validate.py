@@ -127,3 +127,24 @@ def test_unknown_recipe_lists_the_known_ones(trained, tmp_path):
     with pytest.raises(NotFoundError, match="known: cpu, cpu-gptq"):
         build(trained, "cpu", tmp_path / "x", BuildOptions(recipe="cpu-awq"))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("positions, every", [("sequence_length", True), (1, False)])
+def test_logits_every_position_reads_the_graphs_logits_shape(tmp_path, positions, every):
+    """Pruned graphs (prune_lm_head: logits [batch, 1, vocab]) are fed token by token; others in one prefill."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from phiedge.validate import logits_every_position
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", positions, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", positions, 8])])
+    onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
+    assert logits_every_position(tmp_path / "model.onnx") is every
+
+
+def test_default_builds_give_the_last_positions_logits_only(builds):
+    from phiedge.validate import logits_every_position
+
+    assert not logits_every_position(builds("phi-4-mini", "int4") / "model.onnx")  # the recipes prune the LM head

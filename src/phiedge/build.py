@@ -85,6 +85,10 @@ def stack_versions() -> dict[str, str]:
     return found
 
 
+# What method builder means for the stream-only settings: the builder's float table and 4-bit LM head.
+BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4}
+
+
 def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
     """The target's int4 settings with the user's on top. Options only the builder's quantization has
     (another algorithm, float nodes, a shared table) switch a stream target to method builder, and method
@@ -96,7 +100,7 @@ def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
         merged["method"] = "builder"
         notes.append(f"int4 method builder: {', '.join(builder_only)} is the builder's quantization setting")
     if merged["method"] == "builder":
-        merged.update({k: v for k, v in (("embeddings", "float"), ("lm_head_bits", 4)) if k not in overrides})
+        merged.update({k: v for k, v in BUILDER_METHOD.items() if k not in overrides})
     return merged
 
 
@@ -133,7 +137,7 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits")):
         problems.append(f"int4 method stream: {why}")
     elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
-        int4 = int4.model_copy(update={"method": "builder", "embeddings": "float", "lm_head_bits": 4})
+        int4 = int4.model_copy(update=BUILDER_METHOD)
         notes.append(f"int4 method builder instead of the target's stream: {why}")
     recipe_name = options.recipe or target.recipe
     recipe = catalog.load_recipe(recipe_name)

@@ -185,8 +185,8 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
-          no_bench, force, quiet):
+          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, context_cap, threads, recipe,
+          calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 

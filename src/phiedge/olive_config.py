@@ -32,9 +32,12 @@ def streamed(precision: str, int4: Int4Settings) -> bool:
     return precision == "int4" and int4.method == "stream"
 
 
+QUANTIZING_PASSES = ("Gptq", "Rtn")  # Olive passes that quantize the PyTorch model before the builder
+
+
 def requantizing_passes(recipe: dict) -> list[str]:
     """Passes of a recipe that quantize the PyTorch model before the builder."""
-    return [p["type"] for p in recipe["passes"].values() if p["type"] in ("Gptq", "Rtn")]
+    return [p["type"] for p in recipe["passes"].values() if p["type"] in QUANTIZING_PASSES]
 
 
 def builder_extra_options(precision: str, int4: Int4Settings) -> dict:
@@ -74,7 +77,7 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
         if load.get("data_name") == "json" and load.get("data_files") is None:
             load["data_files"] = str(calibration_file(workdir))
     for p in config["passes"].values():
-        if p["type"] in ("Gptq", "Rtn"):  # quantization before the builder: the target's block and symmetry
+        if p["type"] in QUANTIZING_PASSES:  # quantization before the builder: the target's block and symmetry
             p.update(bits=4, group_size=int4.block_size, sym=int4.symmetric)
     config["cache_dir"] = str(workdir / "olive-cache")
     config["output_dir"] = str(workdir / "olive-output")

@@ -181,17 +181,18 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             shutil.copy2(path, out / path.name)
     names = weights.names()
     shard: dict[str, torch.Tensor] = {}
-    written = {"bytes": 0, "files": 0}
+    written = {"bytes": 0, "files": 0}  # of the shard being filled; shards written so far
 
     def flush() -> None:
         if shard:
             save_file(shard, str(out / f"model-{written['files']:05d}.safetensors"), metadata={"format": "pt"})
             shard.clear()
-            written["files"] += 1
+            written["bytes"], written["files"] = 0, written["files"] + 1
 
     def put(name: str, tensor) -> None:
         shard[name] = torch.from_numpy(tensor) if isinstance(tensor, np.ndarray) else tensor.contiguous()
-        if sum(t.numel() * t.element_size() for t in shard.values()) >= SHARD_BYTES:
+        written["bytes"] += shard[name].numel() * shard[name].element_size()
+        if written["bytes"] >= SHARD_BYTES:
             flush()
 
     def quantized(prefix: str, source: str, bits: int) -> None:

@@ -19,6 +19,7 @@ from .build import RECORD, BuildOptions, Exports, build, plan
 from .errors import PhiedgeError
 from .package import MANIFEST, bundle_name, package, sha256
 from .progress import Progress
+from .verify import parse_manifest
 from .workspace import staged_dir
 
 INDEX_JSON, INDEX_MD = "release.json", "RELEASE.md"
@@ -26,13 +27,14 @@ BENCH = {"n_prompt": 128, "n_gen": 32, "reps": 3}
 
 
 def read_manifest(archive: Path) -> dict:
-    """The manifest inside a bundle archive, without unpacking the model."""
+    """The manifest inside a bundle archive, without unpacking the model; shape-checked as `verify` does."""
     try:
         with zipfile.ZipFile(archive) as zf:
             name = next(n for n in zf.namelist() if n.count("/") == 1 and n.endswith("/" + MANIFEST))
-            return json.loads(zf.read(name))
-    except (zipfile.BadZipFile, OSError, StopIteration, ValueError) as exc:
+            text = zf.read(name)
+    except (zipfile.BadZipFile, OSError, StopIteration) as exc:
         raise PhiedgeError(f"{archive} is not a phiedge bundle archive ({exc or 'no manifest'})") from None
+    return parse_manifest(text, f"{archive}:{name}")
 
 
 def entry(archive: Path) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from . import genai_config
 from .checkpoint import SYNTH_FILE
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
@@ -62,32 +63,36 @@ def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, tar
         sums.n += len(t)
 
 
-def built_logits(model, ids: list[int]) -> np.ndarray:
-    """Logits at every position of the ids, [T, V].
+def logits_every_position(model_file: Path) -> bool:
+    """Whether the graph gives logits for every input position, or for the last one only (the builder's
+    prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab])."""
+    from .budget import load_graph
 
-    One prefill gives them all, unless the graph computes the last position's logits only (the builder's
-    prune_lm_head, phiedge's default): then the ids go in one at a time, as decoding feeds them.
-    """
+    graph = load_graph(model_file).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    return logits.type.tensor_type.shape.dim[1].dim_value != 1
+
+
+def built_logits(model, ids: list[int], every_position: bool) -> np.ndarray:
+    """Logits at every position of the ids, [T, V]: from one prefill, or, for a graph that gives the last
+    position's only, with the ids fed one at a time as decoding feeds them."""
     import onnxruntime_genai as og
 
-    def fresh():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + 1)
-        return og.Generator(model, params)
-
-    generator = fresh()
-    generator.append_tokens(ids)
-    logits = np.asarray(generator.get_output("logits"))[0]
-    if logits.shape[0] == len(ids):
-        return logits
-    generator, rows = fresh(), []
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    if every_position:
+        generator.append_tokens(ids)
+        return np.asarray(generator.get_output("logits"))[0]
+    rows = []
     for token in ids:
         generator.append_tokens([token])
-        rows.append(np.asarray(generator.get_logits()).reshape(-1, logits.shape[-1])[-1])
+        logits = np.asarray(generator.get_logits())
+        rows.append(logits.reshape(-1, logits.shape[-1])[-1])
     return np.stack(rows)
 
 
-def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
+def distribution_metrics(model, reference, ids: list[int], window: int, every_position: bool) -> dict:
     import torch
 
     sums = Sums(kl=[])
@@ -98,7 +103,7 @@ def distribution_metrics(model, reference, ids: list[int], window: int) -> dict:
         inputs, targets = chunk[:-1], np.array(chunk[1:])
         with torch.no_grad():
             ref = reference(torch.tensor([inputs])).logits[0].numpy()
-        out = built_logits(model, inputs)
+        out = built_logits(model, inputs, every_position)
         if out.shape[0] != ref.shape[0]:
             raise PhiedgeError(f"the built model gave logits for {out.shape[0]} positions, expected {ref.shape[0]}")
         vocab = min(ref.shape[-1], out.shape[-1])
@@ -152,10 +157,11 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     reference = load_reference(reference_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     ids = eval_ids if eval_ids is not None else held_out_ids(reference_dir, settings.eval_tokens)
-    max_length = json.loads((built_dir / "genai_config.json").read_text())["search"]["max_length"]
+    config = genai_config.read(built_dir)
+    max_length = config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
-               **distribution_metrics(model, reference, ids, window)}
+               **distribution_metrics(model, reference, ids, window, logits_every_position(built_dir / config["model"]["decoder"]["filename"]))}
     limits = settings.thresholds.get(precision, Thresholds())
     failures = check(metrics, limits)
     # On random weights every next-token distribution is nearly flat: quantization flips the argmax
@@ -206,7 +212,8 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
             text = Path(text_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--text", [f"cannot read {text_file}: {exc.strerror}"]) from None
-        ids = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)(text, add_special_tokens=False)["input_ids"]
+        tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]

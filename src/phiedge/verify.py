@@ -72,13 +72,22 @@ def inside(rel) -> str:
 
 
 def read_manifest(root: Path) -> dict:
-    """The manifest, with its shape checked: whatever it holds, a BundleError or a usable dict."""
+    """The manifest of an unpacked bundle, with its shape checked."""
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST} (not a phiedge bundle)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (ValueError, OSError, UnicodeDecodeError):
+        text = manifest_path.read_text()
+    except (OSError, UnicodeDecodeError):
+        raise BundleError(f"{manifest_path}: not JSON") from None
+    return parse_manifest(text, manifest_path)
+
+
+def parse_manifest(text: str | bytes, manifest_path) -> dict:
+    """A manifest's text, parsed and shape-checked: whatever it holds, a BundleError or a usable dict."""
+    try:
+        manifest = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
         raise BundleError(f"{manifest_path}: not JSON") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: not a {FORMAT} manifest")
