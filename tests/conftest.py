@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -27,6 +29,24 @@ SHAPES = {
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    """A real 1 MiB file system (tmpfs): writes past it fail with ENOSPC, as on a full disk. Mounting needs
+    root (or CAP_SYS_ADMIN); elsewhere the tests that use it are skipped."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    try:
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
+                                 text=True, timeout=30)
+        why = mounted.stderr.strip() if mounted.returncode else None
+    except OSError as exc:  # no mount program
+        why = str(exc)
+    if why is not None:
+        pytest.skip(f"cannot mount a small tmpfs here: {why}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
 @pytest.fixture(scope="session")

@@ -97,7 +97,7 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
     names = targets or sorted(catalog.targets())
     for name in names:  # every target's options are checked before anything is built
         plan(model_dir, name, options)
-    with staged_dir(Path(dist), force=force) as tmp:
+    with staged_dir(Path(dist), force=force, progress=progress) as tmp:
         exports = Exports(tmp / ".exports")
         entries = []
         for name in names:
