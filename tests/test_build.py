@@ -1,5 +1,11 @@
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +212,85 @@ def test_rtn_recipe_hands_the_builder_a_quantized_checkpoint(checkpoints, tmp_pa
     heads = [n for n in graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.name]
     assert heads and dict((a.name, a.i) for a in heads[0].attribute)["block_size"] == 128
     assert record["validation"]["positions"] > 0  # validated like any build (fed token by token: pruned head)
+
+
+def test_full_disk_in_the_olive_child_is_one_line_and_leaves_nothing(runner, checkpoints, full_disk):
+    """fp32 without validation: the first large write is the Olive child's model (tens of MB on 1 MiB)."""
+    from phiedge.cli import cli
+
+    out = full_disk / "out"
+    result = runner.invoke(cli, ["build", "--model", checkpoints["phi-4-mini"], "--target", "cpu", "--precision",
+                                 "fp32", "--no-validate", "-q", "-o", str(out)])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == [f"Error: writing {out} failed: the disk is full"], result.output
+    assert list(full_disk.iterdir()) == []
+
+
+def olive_child(pid: int) -> int | None:
+    """The Olive child process of `pid`, once it runs phiedge.olive_runner."""
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"phiedge.olive_runner" in (proc / "cmdline").read_bytes():
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def gone(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # or a zombie
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the Olive child through /proc")
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sigkill"])
+def test_a_stopped_build_stops_olive_and_leaves_nothing(checkpoints, tmp_path, capsys, stop):
+    """A real `phiedge build`: Ctrl-C (SIGINT to its process group, as a terminal sends it) exits 130, SIGTERM
+    143, both after removing the partial output; SIGKILL (the out-of-memory killer) cannot clean up, but
+    Olive dies with phiedge and the next writer removes the partial."""
+    from phiedge.workspace import staged_dir
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(build_mod.__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", "from phiedge.cli import cli; cli()", "build", "--model",
+                             checkpoints["phi-4-mini"], "--target", "cpu", "--precision", "fp32", "--no-validate",
+                             "-q", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (child := olive_child(proc.pid)) is None:
+            assert proc.poll() is None and time.monotonic() < deadline, "no Olive child appeared"
+            time.sleep(0.05)
+        time.sleep(1)  # past Popen's return in phiedge, which stops the child from then on
+        if stop == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 10
+        while not gone(child):
+            assert time.monotonic() < deadline, "the Olive child outlived phiedge"
+            time.sleep(0.05)
+    finally:  # whatever failed, nothing of this build (phiedge or an orphaned Olive) outlives the test
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert "Traceback" not in err
+    if stop == "sigkill":
+        assert proc.returncode == -signal.SIGKILL
+        left = tmp_path / f".out.partial-{proc.pid}"
+        assert left.is_dir()
+        with staged_dir(out):
+            pass
+        assert f"removed {left}" in capsys.readouterr().err
+        assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    else:
+        assert proc.returncode == {"ctrl-c": 130, "sigterm": 128 + signal.SIGTERM}[stop], err
+        assert err.strip() == f"phiedge: {'interrupted' if stop == 'ctrl-c' else 'terminated'}; nothing was written"
+        assert list(tmp_path.iterdir()) == []

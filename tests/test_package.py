@@ -121,3 +121,13 @@ def test_package_into_a_folder_names_the_archive(runner, builds, tmp_path):
     result = runner.invoke(cli, ["package", str(builds("phi-4-mini", "int4")), "-o", str(tmp_path / "dist") + "/"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "dist" / "phi-4-mini-synth-int4-cpu-phiedge0.1.0.zip").is_file()
+
+
+def test_full_disk_is_one_line_and_leaves_no_archive(runner, builds, full_disk):
+    built = builds("phi-4-mini", "int4")
+    assert sum(p.stat().st_size for p in built.iterdir()) > 2 << 20  # more than the 1 MiB disk holds
+    result = runner.invoke(cli, ["package", str(built), "-o", str(full_disk / "b.zip")])
+    assert result.exit_code == 1
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert lines == [f"Error: writing {full_disk / 'b.zip'} failed: the disk is full"], result.output
+    assert list(full_disk.iterdir()) == []  # no partial archive, no lock file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,8 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import (__version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config, prequant,
-               telemetry)
+from . import (__version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config,
+               olive_runner, prequant, telemetry)
 from .checkpoint import Checkpoint, inspect, parameter_shapes
 from .corpus import write_calibration
 from .catalog import pydantic_problems
@@ -32,6 +33,8 @@ ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".json", ".jinja", ".txt", ".model")
 OLIVE_ONLY = {"footprint.json", "output_footprint.json", "model_config.json", "run_history.txt"}
 PRECISIONS = {"cpu": ("int4", "fp32"), "cuda": ("int4", "fp16", "fp32"), "dml": ("int4", "fp16"),
               "webgpu": ("int4", "fp16", "fp32")}
+# How a write that failed for want of space shows in the Olive child's output (a Python OSError, or C++).
+DISK_FULL = ("[Errno 28]", "No space left on device")
 STACK = ("olive-ai", "onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch")
 
 
@@ -154,23 +157,28 @@ def olive_env(workdir: Path) -> dict[str, str]:
     env = telemetry.opt_out(dict(os.environ))
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_HOME=str(workdir / "hf-home"), PYTHONUNBUFFERED="1")
+    env[olive_runner.PARENT] = str(os.getpid())
     return env
 
 
 def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) -> tuple[Path, list[str]]:
-    """Run the workflow in a child process; return Olive's output folder and the passes that ran."""
+    """Run the workflow in a child process; return Olive's output folder and the passes that ran.
+
+    A full disk in the child is raised as the OSError it was, for the staged output to report in one line."""
     config_path = workdir / "olive_config.json"
     result_path = workdir / "olive_result.json"
     log_path = workdir / "olive.log"
     config_path.write_text(json.dumps(config, indent=2))
     cmd = [sys.executable, "-m", "phiedge.olive_runner", str(config_path), str(result_path)]
     passes = []
+    disk_full = False
     with open(log_path, "w") as log, progress.bar(n_layers, "export layers") as bar:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=olive_env(workdir), bufsize=1)
-        try:
+        try:  # whatever stops phiedge here (Ctrl-C, SIGTERM, a full disk for the log) stops Olive too
             for line in proc.stdout:
                 log.write(line)
+                disk_full = disk_full or any(s in line for s in DISK_FULL)
                 if line.startswith("Reading layer"):
                     bar.update(1)
                 elif "Running pass" in line or line.startswith("Saving ONNX model"):
@@ -184,6 +192,8 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
             raise
     output = Path(config["output_dir"])
     if proc.returncode != 0 or not (output / "genai_config.json").is_file():
+        if disk_full:  # Olive's own write failed: the caller's one line for a full disk, not "no model"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         raise BuildError(f"Olive produced no model (exit {proc.returncode}): {last_error(log_path)}")
     missing = [name for name in config["passes"] if name not in passes]
     if missing:  # Olive skips a pass whose config it rejects for this accelerator, and says so only in its log
@@ -278,7 +288,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
     out = Path(out)
     check_output(out, force)
     started = time.perf_counter()
-    with staged_dir(out, force=force) as tmp:
+    with staged_dir(out, force=force, progress=progress) as tmp:
         work = tmp / ".work"
         work.mkdir()
         progress.step(f"building {p.checkpoint.variant or p.checkpoint.architecture} for {p.target.name} "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 
 import click
 
@@ -13,18 +15,36 @@ from .errors import PhiedgeError
 from .progress import Progress
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's timeout) taken as Ctrl-C: the same cleanup runs (partial outputs
+    removed, the Olive child stopped) instead of the process vanishing mid-write."""
+
+
+def _terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def errors_to_click(fn):
     """Turn phiedge's own exceptions into one-line errors with a non-zero exit, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             return fn(*args, **kwargs)
         except PhiedgeError as exc:
             raise click.ClickException(str(exc)) from None
+        except Terminated:
+            click.echo("phiedge: terminated; nothing was written", err=True)
+            sys.exit(128 + signal.SIGTERM)
         except KeyboardInterrupt:
             click.echo("phiedge: interrupted; nothing was written", err=True)
             sys.exit(130)
+        finally:
+            if main_thread:  # None: a handler set outside Python, which the default stands for
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper
 

@@ -6,8 +6,14 @@ itself, because Olive exits 0 when a workflow fails ("No output model produced")
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import signal
 import sys
+
+PARENT = "PHIEDGE_PARENT_PID"  # set by phiedge: the process this export belongs to
+PR_SET_PDEATHSIG = 1
 
 
 def _silence_telemetry() -> None:
@@ -20,7 +26,18 @@ def _silence_telemetry() -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    """phiedge killed outright (SIGKILL, the out-of-memory killer) cannot stop its child: have the kernel do
+    it, or an orphaned export would go on filling the partial folder the next build into OUT removes."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = os.environ.get(PARENT)
+    if parent and os.getppid() != int(parent):  # it died before prctl took effect
+        sys.exit(1)
+
+
 def main(config_path: str, result_path: str) -> int:
+    _die_with_parent()
     _silence_telemetry()
     from olive.workflows import run
 

@@ -27,7 +27,7 @@ from . import __version__, genai_config
 from .build import RECORD
 from .errors import PhiedgeError
 from .validate import REPORT
-from .workspace import check_output
+from .workspace import check_output, staged_file
 
 FORMAT = "phiedge-bundle/1"
 MANIFEST = "manifest.json"
@@ -180,8 +180,7 @@ def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict
     record = json.loads((model_dir / RECORD).read_text())
     name = bundle_name(record)
     out = archive_path(out, name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    check_output(out, force)
+    check_output(out, force)  # makes the folder; before the hashing, so a bad output path fails at once
     layout = (record.get("bundle") or {}).get("layout", "flat")
     sources = entries(model_dir, layout)
     extra = {"requirements.txt": requirements(record)}
@@ -191,13 +190,9 @@ def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict
     extra["README.md"] = readme(manifest).encode()
     files["README.md"] = {"size": len(extra["README.md"]), "sha256": hashlib.sha256(extra["README.md"]).hexdigest()}
     manifest["files"] = dict(sorted(files.items()))
-    tmp = out.resolve().parent / f".{out.name}.partial"
-    try:
+    with staged_file(out, force) as tmp:  # one writer; a full disk is one line and leaves no partial archive
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             payload = {**sources, **extra, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"}
             for arc in sorted(payload):
                 write_entry(zf, f"{name}/{arc}", payload[arc])
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return manifest
