@@ -53,9 +53,22 @@ def test_release_builds_a_matrix_of_targets_verifies_and_uploads():
     assert "phiedge index dist" in publish
 
 
+def test_release_signs_with_a_key_from_its_secrets_and_publishes_the_public_key():
+    release = load("release.yml")
+    steps = {s["name"]: s for s in release["jobs"]["bundle"]["steps"]}
+    package, verify = steps["package"], steps["verify"]
+    assert package["env"] == {"PHIEDGE_SIGNING_KEY": "${{ secrets.PHIEDGE_SIGNING_KEY }}"}  # no other step sees it
+    assert "umask 077" in package["run"] and 'phiedge package out -o dist --sign "$key"' in package["run"]
+    assert 'phiedge verify dist/*.zip --trust "$PHIEDGE_PUBLIC_KEY"' in verify["run"]
+    assert release["env"]["PHIEDGE_PUBLIC_KEY"] == "${{ vars.PHIEDGE_PUBLIC_KEY }}"
+    publish = release["jobs"]["publish"]["steps"]
+    assert any("dist/phiedge.pub" in s.get("run", "") for s in publish)
+    assert "dist/phiedge.pub" in publish[-1]["with"]["files"]
+
+
 def test_workflow_commands_are_real_phiedge_commands_and_options():
     commands = phiedge_commands(load("release.yml"))
-    assert [c[0] for c in commands] == ["synth", "build", "package", "verify", "index"]
+    assert [c[0] for c in commands] == ["synth", "build", "package", "package", "verify", "verify", "index"]
     for words in commands:
         command = cli.commands[words[0]]
         known = {opt for p in command.params for opt in p.opts + p.secondary_opts}

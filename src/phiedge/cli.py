@@ -63,6 +63,8 @@ def parse_thresholds(values: tuple[str, ...]) -> dict:
     return out
 
 
+TRUST_HELP = ("Refuse the bundle unless its manifest is signed by this minisign public key (a .pub file or "
+              "the RW... key line); also read from PHIEDGE_TRUST.")
 THRESHOLD_HELP = "Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy)."
 
 
@@ -271,41 +273,61 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Archive (.zip) to write, or a folder to write NAME.zip into.")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
+@click.option("--sign", "sign_key", type=click.Path(), default=None,
+              help="Sign the manifest with this minisign secret key (from `phiedge keygen` or `minisign -G -W`).")
 @errors_to_click
-def package(model_dir, out, force):
+def package(model_dir, out, force, sign_key):
     """Bundle a built model folder into a release archive with a manifest and a generation program."""
     from .package import archive_path
     from .package import package as make
+    from .signing import load_secret
 
-    manifest = make(model_dir, out, force=force)
+    key = load_secret(sign_key) if sign_key else None
+    manifest = make(model_dir, out, force=force, sign=key)
     written = archive_path(out, manifest["name"])  # a folder stays a folder; a file path is the archive
-    click.echo(json.dumps({"archive": str(written), "name": manifest["name"], "files": len(manifest["files"])},
-                          indent=2))
+    click.echo(json.dumps({"archive": str(written), "name": manifest["name"], "files": len(manifest["files"]),
+                           "signed_by": key and key.id}, indent=2))
+
+
+@cli.command()
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Key pair to write: OUT.key (secret, mode 0600) and OUT.pub (public).")
+@click.option("--force", is_flag=True, help="Replace the key files if they exist.")
+@errors_to_click
+def keygen(out, force):
+    """Make a minisign-compatible Ed25519 key pair for `package --sign` and `verify --trust`."""
+    from .signing import keygen as make
+
+    click.echo(json.dumps(make(out, force=force), indent=2))
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--no-load", is_flag=True, help="Check files and versions only, without loading the model.")
+@click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
 @errors_to_click
-def verify(bundle, no_load):
+def verify(bundle, no_load, trust):
     """Check a bundle (archive or folder): every file against the manifest, the runtime, the model loads."""
     from .verify import verify as check
 
-    click.echo(json.dumps(check(bundle, load=not no_load), indent=2))
+    click.echo(json.dumps(check(bundle, load=not no_load, trust=trust), indent=2))
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("path", type=click.Path())
 @click.argument("generate_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
 @errors_to_click
-def run(path, generate_args):
+def run(path, generate_args, trust):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
     from .generate import main as generate_main
+    from .signing import load_public
     from .verify import BundleError, model_folder, opened, verify_dir
 
+    key = load_public(trust) if trust else None
     with opened(path) as root:
-        if (root / "manifest.json").is_file():
-            verify_dir(root, load=False)
+        if (root / "manifest.json").is_file() or key:
+            verify_dir(root, load=False, trust=key)
             root = model_folder(root)
         if not (root / "genai_config.json").is_file():
             raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
@@ -332,16 +354,21 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("--compare", "old", type=click.Path(), default=None, help="Earlier run (jsonl): print ratios to it.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Also draw tokens/s per test to this PNG (needs matplotlib).")
+@click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
 @errors_to_click
-def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file):
+def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, trust):
     """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
     from .bench import bench as run_bench
     from .bench import plan_tests
     from .report import compare, render
-    from .verify import opened
+    from .signing import load_public
+    from .verify import opened, verify_dir
 
     tests = plan_tests(prompt_tokens, gen_tokens, depth)
+    key = load_public(trust) if trust else None
     with opened(path) as root:
+        if key:
+            verify_dir(root, load=False, trust=key)
         records = run_bench(root, tests, repetitions, warmup, threads,
                             progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
     click.echo(render(records, fmt))

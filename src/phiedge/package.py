@@ -4,8 +4,9 @@ The archive holds, under `<name>/`: the model folder (ONNX model, external data,
 tokenizer) where the target's platform wants it, `generate.py` (needs only onnxruntime-genai, for a
 desktop check), the platform's example (Kotlin, Swift, PowerShell), `requirements.txt`, `README.md` and
 `manifest.json` (every other file with size and SHA-256, the model, target, recipe, versions, checks and
-validation numbers, context cap). Entries are sorted, stored uncompressed with fixed timestamps and
-modes: packaging the same build twice gives byte-identical archives.
+validation numbers, context cap) and, with `--sign KEY`, `manifest.json.minisig` (see signing.py).
+Entries are sorted, stored uncompressed with fixed timestamps and modes: packaging the same build twice
+gives byte-identical archives, signed or not.
 
 Layouts (the target's `bundle.layout`):
 - flat: `model/`
@@ -23,7 +24,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from . import __version__, genai_config
+from . import __version__, genai_config, signing
 from .build import RECORD
 from .errors import PhiedgeError
 from .validate import REPORT
@@ -92,7 +93,7 @@ def model_summary(model_dir: Path, record: dict) -> dict:
             "precision": record["precision"], "int4": record.get("int4")}
 
 
-def readme(manifest: dict) -> str:
+def readme(manifest: dict, signed_by: str | None = None) -> str:
     v = manifest.get("validation") or {}
     checks = manifest.get("checks") or {}
     numbers = (f"KL {v['kl_mean']:.3g} (p99 {v['kl_p99']:.3g}), top-1 {v['top1']:.4f}, perplexity ratio "
@@ -107,11 +108,19 @@ The model folder is `{manifest['model_dir']}`.
 {HOW_TO_RUN[manifest['layout']]}
 
 Check it is intact first: `phiedge verify` on this folder or archive (sizes, SHA-256, runtime version, load).
+{signed_line(signed_by)}
 
 - context cap (KV cache): {manifest['context_cap']} tokens
 - validation: {numbers}
 - minimum onnxruntime-genai: {manifest['min_runtime']['onnxruntime-genai']}
 """
+
+
+def signed_line(key_id: str | None) -> str:
+    if key_id is None:
+        return "This bundle is not signed: `verify` shows only that its files match its own manifest."
+    return (f"Signed with key {key_id}: `phiedge verify --trust KEY.pub` (or `minisign -Vm manifest.json -p KEY.pub`\n"
+            "in this folder) with the publisher's public key shows the files are the ones they packaged.")
 
 
 def manifest_for(model_dir: Path, name: str, files: dict[str, dict], layout: str = "flat") -> dict:
@@ -172,8 +181,9 @@ def archive_path(out: str | Path, name: str) -> Path:
     return Path(out) / f"{name}.zip" if folder else Path(out)
 
 
-def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict:
-    """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest."""
+def package(model_dir: str | Path, out: str | Path, force: bool = False, sign: signing.SecretKey | None = None) -> dict:
+    """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest.
+    With `sign`, the archive also holds its signature of the manifest's bytes."""
     model_dir = Path(model_dir)
     if not (model_dir / RECORD).is_file() or not (model_dir / "genai_config.json").is_file():
         raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
@@ -187,12 +197,15 @@ def package(model_dir: str | Path, out: str | Path, force: bool = False) -> dict
     files = {arc: {"size": p.stat().st_size, "sha256": sha256(p)} for arc, p in sources.items()}
     files.update({arc: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for arc, b in extra.items()})
     manifest = manifest_for(model_dir, name, {}, layout)
-    extra["README.md"] = readme(manifest).encode()
+    extra["README.md"] = readme(manifest, sign and sign.id).encode()
     files["README.md"] = {"size": len(extra["README.md"]), "sha256": hashlib.sha256(extra["README.md"]).hexdigest()}
     manifest["files"] = dict(sorted(files.items()))
+    extra[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
+    if sign is not None:
+        extra[signing.SIGNATURE] = signing.sign(extra[MANIFEST], sign, f"phiedge bundle {name}")
     with staged_file(out, force) as tmp:  # one writer; a full disk is one line and leaves no partial archive
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            payload = {**sources, **extra, MANIFEST: json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"}
+            payload = {**sources, **extra}
             for arc in sorted(payload):
                 write_entry(zf, f"{name}/{arc}", payload[arc])
     return manifest

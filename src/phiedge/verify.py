@@ -1,7 +1,8 @@
 """`phiedge verify`: a bundle is intact, this runtime can run it, and the model loads.
 
 Catches before shipping what otherwise fails on the device: a missing genai_config.json, a truncated
-or altered .onnx.data ("offset out of bounds" at load), a runtime older than the builder.
+or altered .onnx.data ("offset out of bounds" at load), a runtime older than the builder. With a trusted
+key (`--trust`), also who packaged it: see signing.py.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+from . import signing
 from .errors import BuildError, PhiedgeError
 from .package import FORMAT, MANIFEST, sha256
 
@@ -106,8 +108,9 @@ def parse_manifest(text: str | bytes, manifest_path) -> dict:
     return manifest
 
 
-def verify_dir(root: Path, load: bool = True) -> dict:
-    """Check an unpacked bundle folder; raise BundleError on the first problem."""
+def verify_dir(root: Path, load: bool = True, trust: signing.PublicKey | None = None) -> dict:
+    """Check an unpacked bundle folder; raise BundleError (SignatureError with `trust`) on the first problem."""
+    signature = signing.check_bundle(root, MANIFEST, trust)  # before anything in the manifest is believed
     manifest = read_manifest(root)
     files = manifest["files"]
     for rel, want in sorted(files.items()):
@@ -118,7 +121,7 @@ def verify_dir(root: Path, load: bool = True) -> dict:
             raise BundleError(f"{rel} is {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
         if sha256(path) != want["sha256"]:
             raise BundleError(f"{rel} does not match its SHA-256 in the manifest (altered)")
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
+    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST, signing.SIGNATURE}
     extra = sorted(present - set(files))
     if extra:
         raise BundleError(f"{extra[0]} is not in the manifest")
@@ -140,7 +143,7 @@ def verify_dir(root: Path, load: bool = True) -> dict:
     return {"bundle": manifest["name"], "files": len(files), "runtime": have, "min_runtime": need,
             "loaded": bool(load and not not_here), "not_loaded_because": not_here if load else None,
             "graph_checked_for": (checks.get("graph") or {}).get("provider") if isinstance(checks.get("graph"), dict)
-            else None, "ok": True}
+            else None, "signature": signature, "ok": True}
 
 
 def model_folder(root: Path) -> Path:
@@ -163,6 +166,8 @@ def opened(path: str | Path):
         yield safe_extract(path, Path(tmp))
 
 
-def verify(path: str | Path, load: bool = True) -> dict:
+def verify(path: str | Path, load: bool = True, trust: str | Path | None = None) -> dict:
+    """verify_dir on a bundle archive or folder; `trust` is a public key file or key line (signing.load_public)."""
+    key = signing.load_public(trust) if trust else None
     with opened(path) as root:
-        return verify_dir(root, load)
+        return verify_dir(root, load, key)
