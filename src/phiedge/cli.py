@@ -281,6 +281,7 @@ def verify(bundle, no_load):
 def run(path, generate_args):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
     from .generate import main as generate_main
+    from .model_safety import check_model_folder
     from .verify import BundleError, model_folder, opened, verify_dir
 
     with opened(path) as root:
@@ -289,6 +290,7 @@ def run(path, generate_args):
             root = model_folder(root)
         if not (root / "genai_config.json").is_file():
             raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
+        check_model_folder(root)
         sys.exit(generate_main([str(root), *generate_args]))
 
 

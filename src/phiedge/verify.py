@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from .errors import BuildError, PhiedgeError
+from .model_safety import check_model_folder
 from .package import FORMAT, MANIFEST, sha256
 
 
@@ -128,6 +129,7 @@ def verify_dir(root: Path, load: bool = True) -> dict:
     model_dir = root / manifest["model_dir"]
     if not (model_dir / "genai_config.json").is_file():
         raise BundleError(f"{model_dir.relative_to(root)} has no genai_config.json")
+    check_model_folder(model_dir, manifest.get("execution_provider"))  # with or without load: nothing runs
     checks = manifest.get("checks") or {}
     not_here = checks.get("not_run_here") or None
     if load and not not_here:
