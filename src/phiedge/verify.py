@@ -31,8 +31,12 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         tops = set()
         for info in zf.infolist():
             path = PurePosixPath(info.filename)
-            if info.filename.startswith(("/", "\\")) or path.is_absolute() or ":" in path.parts[0]:
+            if not path.parts:  # "", "." and "./" name nothing inside the bundle
+                raise BundleError(f"{archive}: refusing entry without a name {info.filename!r}")
+            if info.filename.startswith(("/", "\\")) or path.is_absolute():
                 raise BundleError(f"{archive}: refusing absolute path {info.filename!r}")
+            if ":" in info.filename:
+                raise BundleError(f"{archive}: refusing Windows drive or stream path {info.filename!r}")
             if ".." in path.parts or "\\" in info.filename:
                 raise BundleError(f"{archive}: refusing path that leaves the bundle {info.filename!r}")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
