@@ -59,15 +59,35 @@ def test_too_old_runtime_is_refused(unpacked, monkeypatch):
 
 
 @pytest.mark.parametrize("name, words", [("../evil.txt", "leaves the bundle"), ("/etc/evil.txt", "absolute path"),
-                                         ("b/../../evil.txt", "leaves the bundle")])
-def test_unsafe_archive_paths_are_refused(tmp_path, name, words):
+                                         ("b/../../evil.txt", "leaves the bundle"), ("C:evil.txt", "Windows drive"),
+                                         ("C:\\evil.txt", "Windows drive"), ("b/evil.txt:stream", "Windows drive"),
+                                         (".", "without a name"), ("./", "without a name"), ("", "without a name")])
+def test_unsafe_archive_paths_are_refused(tmp_path, runner, name, words):
     archive = tmp_path / "bad.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("b/manifest.json", "{}")
-        zf.writestr(name, "x")
+        with zf.open(zipfile.ZipInfo(name), "w") as f:  # writestr cannot write an empty name
+            f.write(b"x")
     with pytest.raises(BundleError, match=words):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out").exists()
+    result = runner.invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 1 and words in result.output and len(result.output.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_symbolic_link_entries_are_refused(tmp_path, runner):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("b/manifest.json", "{}")
+        link = zipfile.ZipInfo("b/model/model.onnx.data")
+        link.external_attr = 0o120777 << 16  # what `zip --symlinks` writes: the target is the entry's content
+        zf.writestr(link, "/etc/passwd")
+    with pytest.raises(BundleError, match="refusing symbolic link 'b/model/model.onnx.data'"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    result = runner.invoke(cli, ["verify", str(archive)])
+    assert result.exit_code == 1 and "symbolic link" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_not_a_bundle(tmp_path, runner):
@@ -101,6 +121,27 @@ def test_lying_manifest_paths_are_refused(bundle_dir):
             path.write_text(json.dumps({**json.loads(original), **lie}))
             with pytest.raises(BundleError, match="leaves the bundle"):
                 verify(bundle_dir, load=False)
+    finally:
+        path.write_text(original)
+
+
+@pytest.mark.parametrize("field, lie, words", [
+    ("size", lambda v: v + 1, r"model/model.onnx.data is \d+ bytes, the manifest says \d+"),
+    ("sha256", lambda v: "0" * 64, "model/model.onnx.data does not match its SHA-256"),
+])
+def test_lying_manifest_contents_are_named(bundle_dir, field, lie, words):
+    """The file is intact; the manifest's record of it was edited."""
+    import json
+
+    path = bundle_dir / "manifest.json"
+    original = path.read_text()
+    manifest = json.loads(original)
+    entry = manifest["files"]["model/model.onnx.data"]
+    entry[field] = lie(entry[field])
+    try:
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(BundleError, match=words):
+            verify(bundle_dir, load=False)
     finally:
         path.write_text(original)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from . import __version__, model_safety
 from .errors import PhiedgeError
 
 
@@ -115,8 +115,6 @@ def bench(root: str | Path, tests: list[BenchTest], reps: int = 5, warmup: int =
     """One record per test, with llama-bench's field names where one exists."""
     from importlib.metadata import version
 
-    from .generate import load
-
     if reps < 1 or warmup < 0:
         raise BenchError(f"repetitions must be at least 1 and warm-up at least 0 (got -r {reps}, warm-up {warmup})")
     model_dir, info = model_info(Path(root))
@@ -125,7 +123,7 @@ def bench(root: str | Path, tests: list[BenchTest], reps: int = 5, warmup: int =
     too_long = [t.name for t in tests if max(t.n_prompt, t.n_depth + t.n_gen) + 2 > cap]
     if too_long:
         raise BenchError(f"tests {', '.join(too_long)} exceed the model's max_length {cap}")
-    model, _ = load(str(model_dir), threads)
+    model, _ = model_safety.load(model_dir, threads)
     rng = np.random.default_rng(0)
     vocab = min(config["model"]["vocab_size"], 1000)  # ordinary tokens: ids below any special token
     base = {"phiedge_version": __version__, "onnxruntime_genai_version": version("onnxruntime-genai"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import genai_config
+from . import genai_config, model_safety
 from .errors import BuildError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -52,6 +52,7 @@ def smoke_generate(model_dir: Path, n_tokens: int = 4) -> list[int]:
     """Load with ONNX Runtime GenAI and generate a few tokens: the model is usable, not just present."""
     from .generate import generate, load
 
+    model_safety.check_model_folder(model_dir)  # outside the try: a refusal is not a load failure
     try:
         model, tokenizer = load(str(model_dir))
         prompt = list(tokenizer.encode("def main():"))

@@ -322,6 +322,7 @@ def run(path, generate_args, trust):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
     from .generate import main as generate_main
     from .signing import load_public
+    from .model_safety import check_model_folder
     from .verify import BundleError, model_folder, opened, verify_dir
 
     key = load_public(trust) if trust else None
@@ -331,6 +332,7 @@ def run(path, generate_args, trust):
             root = model_folder(root)
         if not (root / "genai_config.json").is_file():
             raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
+        check_model_folder(root)
         sys.exit(generate_main([str(root), *generate_args]))
 
 

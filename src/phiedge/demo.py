@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .build import BuildOptions, build
-from .generate import chat_prompt, generate, load
+from .generate import chat_prompt, generate
+from .model_safety import load
 from .progress import Progress
 from .synth import Shrink, synth
 
@@ -39,7 +40,7 @@ def demo(out: str | Path, like: str = "phi-4-mini", force: bool = False, progres
 
 def sample_reply(model_dir: Path, user: str, max_new_tokens: int = 24) -> dict:
     """A chat turn through the model's own template (random weights: the text itself is noise)."""
-    model, tokenizer = load(str(model_dir))
+    model, tokenizer = load(model_dir)
     prompt = chat_prompt(tokenizer, user)
     tokens = list(generate(model, list(tokenizer.encode(prompt)), max_new_tokens))
     return {"prompt": prompt, "new_tokens": len(tokens), "text": tokenizer.decode(tokens)}

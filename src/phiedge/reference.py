@@ -111,8 +111,8 @@ def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_toke
     """greedy_metrics' rows for a built folder and a checkpoint folder."""
     from transformers import AutoTokenizer
 
-    from .generate import load
+    from .model_safety import load
 
     tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
-    model, _ = load(str(built_dir))
+    model, _ = load(built_dir)
     return greedy_metrics(model, load_reference(reference_dir), tokenizer, prompts, max_new_tokens)["prompts"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from . import genai_config
+from . import genai_config, model_safety
 from .checkpoint import SYNTH_FILE
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
@@ -149,11 +149,10 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     """Measure, compare with the thresholds for this precision, and return the report."""
     from transformers import AutoTokenizer
 
-    from .generate import load
     from .train import eval_ids as held_out_ids
 
     built_dir, reference_dir = Path(built_dir), Path(reference_dir)
-    model, _ = load(str(built_dir))
+    model, _ = model_safety.load(built_dir)
     reference = load_reference(reference_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     ids = eval_ids if eval_ids is not None else held_out_ids(reference_dir, settings.eval_tokens)

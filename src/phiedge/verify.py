@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 
 from . import signing
 from .errors import BuildError, PhiedgeError
+from .model_safety import check_model_folder
 from .package import FORMAT, MANIFEST, sha256
 
 
@@ -32,8 +33,12 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         tops = set()
         for info in zf.infolist():
             path = PurePosixPath(info.filename)
-            if info.filename.startswith(("/", "\\")) or path.is_absolute() or ":" in path.parts[0]:
+            if not path.parts:  # "", "." and "./" name nothing inside the bundle
+                raise BundleError(f"{archive}: refusing entry without a name {info.filename!r}")
+            if info.filename.startswith(("/", "\\")) or path.is_absolute():
                 raise BundleError(f"{archive}: refusing absolute path {info.filename!r}")
+            if ":" in info.filename:
+                raise BundleError(f"{archive}: refusing Windows drive or stream path {info.filename!r}")
             if ".." in path.parts or "\\" in info.filename:
                 raise BundleError(f"{archive}: refusing path that leaves the bundle {info.filename!r}")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
@@ -131,6 +136,7 @@ def verify_dir(root: Path, load: bool = True, trust: signing.PublicKey | None = 
     model_dir = root / manifest["model_dir"]
     if not (model_dir / "genai_config.json").is_file():
         raise BundleError(f"{model_dir.relative_to(root)} has no genai_config.json")
+    check_model_folder(model_dir, manifest.get("execution_provider"))  # with or without load: nothing runs
     checks = manifest.get("checks") or {}
     not_here = checks.get("not_run_here") or None
     if load and not not_here:
