@@ -270,8 +270,10 @@ def read_signature(path: Path) -> bytes | None:
     return path.read_bytes()
 
 
-def check_bundle(root: Path, manifest_name: str, trust: PublicKey | None) -> dict:
-    """What verify reports about a bundle's signature; with a trusted key, refuse anything but its signature."""
+def check_bundle(root: Path, manifest: bytes | None, trust: PublicKey | None, name: str = "manifest.json") -> dict:
+    """What verify reports about a bundle's signature; with a trusted key, refuse anything but its signature.
+
+    `manifest` is the manifest's bytes as read once by the caller, who parses those same bytes."""
     blob = read_signature(root / SIGNATURE)
     if trust is None:
         if blob is None:
@@ -282,10 +284,9 @@ def check_bundle(root: Path, manifest_name: str, trust: PublicKey | None) -> dic
             signer = None
         return {"status": "not checked", "key_id": signer,
                 "note": "the bundle carries a signature, not checked: give --trust PUBKEY to check it"}
-    manifest = root / manifest_name
-    if not manifest.is_file():
-        raise SignatureError(f"{root}: no {manifest_name}, so nothing signed (--trust checks signed bundles)")
+    if manifest is None:
+        raise SignatureError(f"{root}: no {name}, so nothing signed (--trust checks signed bundles)")
     if blob is None:
         raise SignatureError(f"the bundle is not signed (no {SIGNATURE}), and --trust {trust.id} wants it signed")
-    comment = check(manifest.read_bytes(), blob, trust, manifest_name, SIGNATURE)
+    comment = check(manifest, blob, trust, name, SIGNATURE)
     return {"status": "verified", "key_id": trust.id, "trusted_comment": comment}

@@ -78,16 +78,20 @@ def inside(rel) -> str:
     return rel
 
 
-def read_manifest(root: Path) -> dict:
-    """The manifest of an unpacked bundle, with its shape checked."""
+def manifest_bytes(root: Path) -> bytes:
+    """The manifest file of an unpacked bundle, read once: the bytes a signature covers are the bytes parsed."""
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"{root}: no {MANIFEST} (not a phiedge bundle)")
     try:
-        text = manifest_path.read_text()
-    except (OSError, UnicodeDecodeError):
-        raise BundleError(f"{manifest_path}: not JSON") from None
-    return parse_manifest(text, manifest_path)
+        return manifest_path.read_bytes()
+    except OSError:
+        raise BundleError(f"{manifest_path}: cannot be read") from None
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of an unpacked bundle, with its shape checked."""
+    return parse_manifest(manifest_bytes(root), root / MANIFEST)
 
 
 def parse_manifest(text: str | bytes, manifest_path) -> dict:
@@ -115,8 +119,9 @@ def parse_manifest(text: str | bytes, manifest_path) -> dict:
 
 def verify_dir(root: Path, load: bool = True, trust: signing.PublicKey | None = None) -> dict:
     """Check an unpacked bundle folder; raise BundleError (SignatureError with `trust`) on the first problem."""
-    signature = signing.check_bundle(root, MANIFEST, trust)  # before anything in the manifest is believed
-    manifest = read_manifest(root)
+    raw = manifest_bytes(root) if trust is None or (root / MANIFEST).is_file() else None
+    signature = signing.check_bundle(root, raw, trust, MANIFEST)  # before anything in the manifest is believed
+    manifest = parse_manifest(raw, root / MANIFEST) if raw is not None else read_manifest(root)
     files = manifest["files"]
     for rel, want in sorted(files.items()):
         path = root / rel
