@@ -1,5 +1,10 @@
+import json
+import math
+from pathlib import Path
+
 import pytest
 
+from phiedge import catalog
 from phiedge.budget import check, estimate
 from phiedge.schema import Device
 
@@ -31,17 +36,36 @@ def test_device_values_are_checked(bad):
         Device(**bad)
 
 
-def test_weight_accounting_matches_the_files(builds):
+def test_weight_accounting_matches_the_files(builds, checkpoints):
     """Every byte of the weights file is an initializer, and the int4 matrices are at their ideal size."""
     from phiedge.budget import weight_accounting
 
     built = builds("phi-4-mini", "int4")
     acct = weight_accounting(built / "model.onnx")
     assert acct["data_file_bytes"] == (built / "model.onnx.data").stat().st_size == acct["initializer_bytes"]
-    assert acct["ideal_bytes"] == acct["initializer_bytes"]  # 4 bits a weight + fp32 scales, nothing wasted
+    assert acct["ideal_bytes"] == acct["initializer_bytes"] == ideal_bytes(checkpoints["phi-4-mini"])
     assert acct["model_files_bytes"] == acct["data_file_bytes"] + (built / "model.onnx").stat().st_size
     # the graph file is its nodes plus inline constants (LongRoPE's cos/sin caches for 131072 positions)
     assert acct["graph_constants_bytes"] > 0.9 * (built / "model.onnx").stat().st_size
-    import json
-
     assert json.loads((built / "phiedge_build.json").read_text())["weights"] == acct
+
+
+def ideal_bytes(checkpoint: str) -> int:
+    """The cpu target's int4 weights of a checkpoint, from its config's shapes alone: each matrix at its bits a
+    weight plus one fp32 scale a block (symmetric: no zero points), the tied table twice (an int8 table, a 4-bit
+    LM head), norms in fp32."""
+    from phiedge.checkpoint import parameter_shapes
+
+    int4 = catalog.find_target("cpu").int4
+    assert (int4.block_size, int4.symmetric, int4.embeddings, int4.lm_head_bits) == (128, True, "int8", 4)
+
+    def matrix(rows: int, cols: int, bits: int) -> int:
+        return rows * cols * bits // 8 + rows * math.ceil(cols / int4.block_size) * 4
+
+    total = 0
+    for name, shape in parameter_shapes(json.loads((Path(checkpoint) / "config.json").read_text())).items():
+        if name == "model.embed_tokens.weight":
+            total += matrix(*shape, 8) + matrix(*shape, 4)
+        else:
+            total += matrix(*shape, 4) if len(shape) == 2 else 4 * math.prod(shape)
+    return total

@@ -181,9 +181,12 @@ def test_over_budget_build_warns_with_numbers(checkpoints, tmp_path, monkeypatch
     assert "warning: does not fit the android memory budget" in err and "at 2048 tokens" in err
 
 
-def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path):
-    """Published Phi-3 folders name modeling code (auto_map): phiedge builds with transformers' own classes."""
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path, monkeypatch, precision):
+    """Published Phi-3 folders name modeling code (auto_map): phiedge builds with transformers' own classes.
+    int4 is the default target's path (method stream): the folder Olive reads has neither the code nor auto_map."""
     import shutil
+    from pathlib import Path
 
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoints["phi-4-mini"], folder)
@@ -197,9 +200,26 @@ def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path):
     tok = json.loads((folder / "tokenizer_config.json").read_text())
     tok["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Tok", None]}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
-    record = build(folder, "cpu", tmp_path / "out", BuildOptions(precision="fp32"))
-    assert record["validation"]["passed"] and not marker.exists()
+    olive_reads = {}
+    run_olive = build_mod.run_olive
+
+    def spy(config, *args):
+        read = Path(config["input_model"]["model_path"])
+        olive_reads.update(folder=read, code=sorted(p.name for p in read.glob("*.py")),
+                           auto_map=[f for f in ("config.json", "tokenizer_config.json")
+                                     if "auto_map" in json.loads((read / f).read_text())])
+        return run_olive(config, *args)
+
+    monkeypatch.setattr(build_mod, "run_olive", spy)
+    record = build(folder, "cpu", tmp_path / "out", BuildOptions(precision=None if precision == "int4" else precision))
+    assert record["precision"] == precision and not marker.exists()
+    assert record["validation"]["positions"] > 0  # the reference was loaded and run too
     assert "never runs remote code" in record["source"]["notes"][0]
+    if precision == "int4":
+        assert record["int4"]["method"] == "stream" and olive_reads["folder"] != folder.resolve()
+        assert olive_reads["code"] == [] and olive_reads["auto_map"] == []
+    else:
+        assert record["validation"]["passed"] is True and olive_reads["folder"] == folder.resolve()
 
 
 def test_rtn_recipe_hands_the_builder_a_quantized_checkpoint(checkpoints, tmp_path):

@@ -92,10 +92,32 @@ def test_real_shapes_never_collide():
             assert lm_head_collisions(v.config) == [], v.name
 
 
-def test_custom_code_is_noted_not_run(copy):
+def test_custom_code_is_noted_not_run(copy, tmp_path):
+    """Reading a checkpoint whose config and tokenizer name code of its own: inspect, the parameter shapes,
+    the PyTorch reference and both tokenizer loads use transformers' classes; the code is never imported."""
+    from transformers import Phi3ForCausalLM
+
+    from phiedge.checkpoint import parameter_shapes
+    from phiedge.reference import load_reference
+    from phiedge.train import eval_ids
+
     folder = copy()
-    edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"})
-    assert "never runs remote code" in inspect(folder).notes[0]
+    marker = tmp_path / "code-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nraise RuntimeError('custom code imported')\n"
+    for name in ("modeling_phi3.py", "configuration_phi3.py", "tokenization_phi3.py"):
+        (folder / name).write_text(code)
+    edit_config(folder, auto_map={"AutoConfig": "configuration_phi3.Phi3Config",
+                                  "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"})
+    tok = json.loads((folder / "tokenizer_config.json").read_text())
+    tok["auto_map"] = {"AutoTokenizer": ["tokenization_phi3.Tok", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok))
+    checkpoint = inspect(folder)
+    assert "never runs remote code" in checkpoint.notes[0]
+    assert parameter_shapes(checkpoint.config)
+    assert type(load_reference(folder)) is Phi3ForCausalLM
+    assert type(load_reference(folder, layerwise=True)) is Phi3ForCausalLM
+    assert len(eval_ids(folder, 64)) == 64
+    assert not marker.exists()
 
 
 def test_published_shape_is_recognised(tmp_path):

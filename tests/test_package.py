@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from phiedge import catalog
 from phiedge.cli import cli
 from phiedge.package import PackageError, package
 from phiedge.verify import safe_extract
@@ -25,7 +26,7 @@ def test_packaging_twice_gives_identical_archives(builds, bundle, tmp_path):
     assert again.read_bytes() == bundle.read_bytes()
 
 
-def test_manifest_lists_every_file_and_the_build(bundle, checkpoints):
+def test_manifest_lists_every_file_and_the_build(bundle, builds, checkpoints):
     with zipfile.ZipFile(bundle) as zf:
         names = zf.namelist()
         root = names[0].split("/")[0]
@@ -39,7 +40,13 @@ def test_manifest_lists_every_file_and_the_build(bundle, checkpoints):
     assert manifest["model"]["params"] == synth_record["params"]
     assert manifest["model"]["shape"]["head_dim"] == 128 and manifest["model"]["int4"]["block_size"] == 128
     assert manifest["context_cap"] == 4096 and manifest["min_runtime"]["onnxruntime-genai"] == "0.14.1"
-    assert manifest["validation"]["kl_mean"] > 0 and manifest["versions"]["olive-ai"] == "0.13.0"
+    assert manifest["versions"]["olive-ai"] == "0.13.0"
+    # the build's own validation report, number for number, and its verdict (random weights: none at int4)
+    report = json.loads((builds("phi-4-mini", "int4") / "validation.json").read_text())
+    metrics = {k: v for k, v in report["metrics"].items() if k != "prompts"}
+    assert manifest["validation"] == {**metrics, "passed": None, "enforced": False, "note": report["note"]}
+    assert report["note"].startswith("random-weight reference")
+    assert metrics["positions"] == 2047 and metrics["kl_max"] >= metrics["kl_p99"] and 0 <= metrics["top1"] <= 1
 
 
 def minimal_env(tmp_path: Path) -> Path:
@@ -88,7 +95,8 @@ LAYOUT_FILES = {
 
 @pytest.mark.parametrize("target", ["android", "ios", "windows-dml"])
 def test_platform_bundles_have_their_layout_and_verify(runner, builds, tmp_path, target):
-    built = builds("phi-4-mini", "int4", target)
+    # the phone targets are built from the trained model, on which their int4 thresholds mean something
+    built = builds("phi-4-mini" if target == "windows-dml" else "trained", "int4", target)
     archive = tmp_path / f"{target}.zip"
     result = runner.invoke(cli, ["package", str(built), "-o", str(archive)])
     assert result.exit_code == 0, result.output
@@ -107,7 +115,12 @@ def test_platform_bundles_have_their_layout_and_verify(runner, builds, tmp_path,
         assert (root / "requirements.txt").read_text().startswith("onnxruntime-genai-directml>=")
         assert "not validated numerically" in (root / "README.md").read_text()
     else:
-        assert manifest["validation"]["positions"] > 0 and manifest["checks"]["numeric_validation"] is True
+        assert manifest["checks"]["numeric_validation"] is True
+        validation = json.loads((built / "validation.json").read_text())
+        assert validation["target"] == target and validation["thresholds"] == \
+            catalog.find_target(target).validation.thresholds["int4"].model_dump()
+        assert manifest["validation"]["enforced"] is True and manifest["validation"]["passed"] is True
+        assert "(thresholds met)" in (root / "README.md").read_text()
         assert report["loaded"] is True and manifest["checks"]["graph"]["provider"] == "CPUExecutionProvider"
         assert manifest["context_cap"] == 2048 and manifest["checks"]["memory"]["fits"] is True
 

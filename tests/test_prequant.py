@@ -78,6 +78,24 @@ def test_write_makes_an_olive_checkpoint(checkpoints, tmp_path):
     assert prequant.count_matrices(ckpt, "int8") == 2 * 4 + 2
 
 
+def test_write_leaves_the_checkpoints_code_behind(checkpoints, tmp_path):
+    """The folder Olive's builder reads holds no Python from the checkpoint and no auto_map naming any."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["phi-4-mini"], ckpt)
+    (ckpt / "modeling_evil.py").write_text("raise RuntimeError('imported')\n")
+    for name, auto_map in (("config.json", {"AutoModelForCausalLM": "modeling_evil.Phi3ForCausalLM"}),
+                           ("tokenizer_config.json", {"AutoTokenizer": ["modeling_evil.Tok", None]})):
+        data = json.loads((ckpt / name).read_text())
+        (ckpt / name).write_text(json.dumps({**data, "auto_map": auto_map}))
+    prequant.write(ckpt, tmp_path / "q", block_size=128, symmetric=True)
+    assert list((tmp_path / "q").glob("*.py")) == []
+    for name in ("config.json", "tokenizer_config.json"):
+        data = json.loads((tmp_path / "q" / name).read_text())
+        assert "auto_map" not in data and data["model_type" if name == "config.json" else "tokenizer_class"]
+
+
 def matmul_weights(folder: Path) -> dict[str, list[bytes]]:
     """Each MatMulNBits node's weight, scales and zero points, by node (named as either path names it)."""
     import onnx

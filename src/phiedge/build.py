@@ -334,7 +334,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         report = None
         if options.validate and runs_here:
             progress.step(f"validating against {p.checkpoint.path} in transformers")
-            report = validate(tmp, p.checkpoint.path, p.precision, p.validation)
+            report = validate(tmp, p.checkpoint.path, p.precision, p.validation, target=p.target.name)
             report["built"] = str(out.resolve())
             (tmp / REPORT).write_text(json.dumps(reproducible(report), indent=2) + "\n")
             raise_on_failure(report)

@@ -6,6 +6,7 @@ spends minutes on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +144,30 @@ def match_variant(config: dict) -> list[Variant]:
 
     return [v for v in catalog.variants().values()
             if v.buildable and all(v.config.get(k) == config.get(k) for k in keys) and kv(v.config) == kv(config)]
+
+
+def weight_digests(path: Path) -> dict[str, str]:
+    """SHA-256 of each weight file, by name: what phiedge_synth.json describes when synth or train writes it."""
+    digests = {}
+    for file in sorted(f for g in WEIGHT_GLOBS for f in Path(path).glob(g)):
+        with open(file, "rb") as f:
+            digests[file.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def synth_record(path: Path) -> dict | None:
+    """phiedge's synth (or train) record, if the folder's weights are still the ones it was written for.
+
+    The record switches off int4 thresholds (random weights), so it is trusted only with its weights: a
+    synthesized folder fine-tuned elsewhere keeps the file but not the digests, and counts as real weights.
+    """
+    try:
+        record = json.loads((Path(path) / SYNTH_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not record.get("weights_sha256"):
+        return None
+    return record if record["weights_sha256"] == weight_digests(path) else None
 
 
 def identify(path: Path, config: dict) -> tuple[Variant | None, bool]:

@@ -35,7 +35,9 @@ def errors_to_click(fn):
         try:
             return fn(*args, **kwargs)
         except PhiedgeError as exc:
-            raise click.ClickException(str(exc)) from None
+            error = click.ClickException(str(exc))
+            error.exit_code = getattr(exc, "exit_code", error.exit_code)  # e.g. validate's 3: nothing enforced
+            raise error from None
         except Terminated:
             click.echo("phiedge: terminated; nothing was written", err=True)
             sys.exit(128 + signal.SIGTERM)
@@ -256,16 +258,23 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
 @click.option("--json", "json_file", type=click.Path(), default=None, help="Also write the full report here.")
 @errors_to_click
 def validate(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
-    """Compare a built model with its original checkpoint; exit non-zero if a threshold is crossed."""
+    """Compare a built model with its original checkpoint.
+
+    Exit status: 0 when the target's thresholds for the precision were enforced and met; 1 when one was
+    crossed or an input is wrong (2: a bad option); 3 when nothing was enforced, because the target has
+    no thresholds for the precision or the reference holds phiedge synth's random weights and the build
+    is quantized: the numbers are printed and the verdict says NOT ENFORCED, but nothing was checked.
+    """
     from pathlib import Path
 
-    from .validate import raise_on_failure, summary_lines, validate_build
+    from .validate import raise_on_failure, raise_unless_enforced, summary_lines, validate_build
 
     report = validate_build(model_dir, reference, target_name, precision, parse_thresholds(thresholds), text_file)
     if json_file:
         Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
     click.echo("\n".join(summary_lines(report)))
     raise_on_failure(report)
+    raise_unless_enforced(report)
 
 
 @cli.command()

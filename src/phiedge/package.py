@@ -96,8 +96,10 @@ def model_summary(model_dir: Path, record: dict) -> dict:
 def readme(manifest: dict, signed_by: str | None = None) -> str:
     v = manifest.get("validation") or {}
     checks = manifest.get("checks") or {}
+    verdict = {True: "thresholds met", False: "a threshold crossed"}.get(v.get("passed"),
+                                                                          f"not enforced: {v.get('note')}")
     numbers = (f"KL {v['kl_mean']:.3g} (p99 {v['kl_p99']:.3g}), top-1 {v['top1']:.4f}, perplexity ratio "
-               f"{v['ppl_ratio']:.4f} against the original checkpoint" if v else
+               f"{v['ppl_ratio']:.4f} against the original checkpoint ({verdict})" if v else
                "not validated numerically" + (f" ({checks['not_run_here']})" if checks.get("not_run_here") else ""))
     return f"""# {manifest['name']}
 
@@ -138,7 +140,7 @@ def manifest_for(model_dir: Path, name: str, files: dict[str, dict], layout: str
         "min_runtime": {"onnxruntime-genai": builder},
         "validation": None if report is None else {
             **{k: v for k, v in report["metrics"].items() if k != "prompts"},
-            "passed": report["passed"], "enforced": report["enforced"]},
+            "passed": report["passed"], "enforced": report["enforced"], "note": report.get("note")},
         "checks": record.get("checks"),
         "files": files,
     }

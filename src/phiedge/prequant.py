@@ -27,6 +27,10 @@ LM_HEAD = "lm_head.weight"
 # The builder's quantized-checkpoint reader knows Phi-3-style names (fused qkv_proj and gate_up_proj, model.norm),
 # not Phi-2's (dense, fc1, fc2, final_layernorm): Phi-2 goes through the builder's own quantization.
 ARCHITECTURES = ("Phi3ForCausalLM",)
+# Left behind: the float weights (re-written quantized), and a checkpoint's own Python code (auto_map's modeling_*.py),
+# which phiedge never runs and so never hands to the builder; auto_map is dropped from the configs written here.
+NOT_COPIED = (".safetensors", ".safetensors.index.json", ".bin", ".py")
+TOKENIZER_CONFIG = "tokenizer_config.json"
 LINEAR_SUFFIXES = (".qkv_proj.weight", ".o_proj.weight", ".gate_up_proj.weight", ".down_proj.weight",
                    ".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight")
 
@@ -176,9 +180,16 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     check_shapes(weights, config)
     out.mkdir(parents=True)
     for path in model_dir.iterdir():  # tokenizer, chat template, generation config: as they are
-        if path.is_file() and not path.name.endswith((".safetensors", ".safetensors.index.json", ".bin")) \
-                and path.name != "config.json":
+        if path.is_file() and not path.name.endswith(NOT_COPIED) and path.name not in ("config.json", TOKENIZER_CONFIG):
             shutil.copy2(path, out / path.name)
+    if (model_dir / TOKENIZER_CONFIG).is_file():
+        try:
+            tokenizer_config = dict(json.loads((model_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            raise ModelError(f"{model_dir / TOKENIZER_CONFIG} is not a readable JSON object: {exc}") from None
+        tokenizer_config.pop("auto_map", None)
+        (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
+                                            encoding="utf-8")
     names = weights.names()
     shard: dict[str, torch.Tensor] = {}
     written = {"bytes": 0, "files": 0}  # of the shard being filled; shards written so far
@@ -225,5 +236,6 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     quant = {"quant_method": "olive", "bits": 4, "symmetric": symmetric, "group_size": block_size,
              "lm_head": True, "embeds": embeddings != "float", "tie_word_embeddings": False,
              "modules_to_not_convert": None, "overrides": overrides or None}
+    config.pop("auto_map", None)
     (out / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=2))
     return quant

@@ -44,8 +44,8 @@ def entry(archive: Path) -> dict:
             "size_bytes": archive.stat().st_size, "sha256": sha256(archive),
             "execution_provider": manifest["execution_provider"], "precision": manifest["model"]["precision"],
             "context_cap": manifest["context_cap"],
-            "validation": None if v is None else {k: v.get(k) for k in
-                                                  ("kl_mean", "kl_p99", "top1", "ppl_ratio", "greedy", "enforced")},
+            "validation": None if v is None else {k: v.get(k) for k in ("kl_mean", "kl_p99", "top1", "ppl_ratio",
+                                                                         "greedy", "enforced", "passed")},
             "not_validated_because": checks.get("not_run_here"),
             "memory_fits": (checks.get("memory") or {}).get("fits")}
 
@@ -63,8 +63,8 @@ def markdown(index: dict) -> str:
              f"pp{BENCH['n_prompt']} t/s | tg{BENCH['n_gen']} t/s |", "|" + "---|" * 9]
     for e in index["bundles"]:
         v, b = e["validation"], e.get("bench") or {}
-        quality = (f"{v['kl_mean']:.3g} | {v['top1']:.4f} | {v['ppl_ratio']:.4f}" if v else
-                   "not run here | | ")
+        quality = (f"{v['kl_mean']:.3g} | {v['top1']:.4f} | {v['ppl_ratio']:.4f}"
+                   + ("" if v.get("enforced") else " (not enforced)") if v else "not run here | | ")
         speed = " | ".join(str(b.get(t, "")) for t in (f"pp{BENCH['n_prompt']}", f"tg{BENCH['n_gen']}"))
         lines.append(f"| {e['target']} | `{e['file']}` | {e['size_bytes'] / 1e6:.1f} | `{e['sha256'][:16]}…` | "
                      f"{quality} | {speed} |")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__, catalog
-from .checkpoint import SYNTH_FILE, head_dim, lm_head_collisions, parameter_shapes
+from .checkpoint import SYNTH_FILE, head_dim, lm_head_collisions, parameter_shapes, weight_digests
 from .errors import ConfigError, ModelError
 from .schema import ChatFormat, Variant
 from .tokenizer import train_tokenizer
@@ -165,6 +165,6 @@ def synth(like: str, out: str | Path, shrink: Shrink = Shrink(), seed: int = 0, 
         params = sum(math.prod(s) for s in parameter_shapes(config).values())
         summary = {"like": variant.name, "seed": seed, "dtype": dtype, "params": params,
                    "weight_bytes": weight_bytes, "shrunk": {k: v for k, v in vars(shrink).items() if v},
-                   "phiedge_version": __version__}
+                   "phiedge_version": __version__, "weights_sha256": weight_digests(tmp)}
         (tmp / SYNTH_FILE).write_text(json.dumps(summary, indent=2))
     return {"path": str(out), **summary}

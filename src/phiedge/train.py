@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpoint import SYNTH_FILE
+from .checkpoint import SYNTH_FILE, weight_digests
 from .corpus import split_files
 from .synth import Shrink, synth
 from .workspace import staged_dir
@@ -34,7 +34,7 @@ def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:
     """The first n_tokens of held-out stdlib text, in the model's tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     ids: list[int] = []
     for f in split_files()[1]:
         ids += token_stream(tokenizer, [f])
@@ -92,5 +92,6 @@ def train(out: str | Path, like: str = "phi-4-mini", shrink: Shrink = TRAIN_SHRI
                              "held_out_loss": round(eval_loss, 4), "held_out_perplexity": round(math.exp(eval_loss), 2),
                              "uniform_perplexity": model.config.vocab_size,
                              "seconds": round(time.perf_counter() - started, 1)}
+        record["weights_sha256"] = weight_digests(tmp)  # the trained weights, not the random ones synth wrote
         (tmp / SYNTH_FILE).write_text(json.dumps(record, indent=2))
     return {"path": str(out), **record}

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from . import genai_config, model_safety
-from .checkpoint import SYNTH_FILE
+from .checkpoint import synth_record
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
 from .schema import Thresholds, ValidationSettings
@@ -27,6 +27,16 @@ ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, i
 
 class ValidationFailed(PhiedgeError):
     """A metric crossed its threshold; the message names each one and by how much."""
+
+
+class NotEnforced(PhiedgeError):
+    """Nothing was held to a threshold: the numbers were measured, but no verdict was reached.
+
+    Its own exit status (not 0, which means the thresholds were met, nor 1, crossed), so a script that
+    gates on `phiedge validate` never reads "not checked" as "passed".
+    """
+
+    exit_code = 3
 
 
 @dataclass
@@ -105,9 +115,11 @@ def distribution_metrics(model, reference, ids: list[int], window: int, every_po
             ref = reference(torch.tensor([inputs])).logits[0].numpy()
         out = built_logits(model, inputs, every_position)
         if out.shape[0] != ref.shape[0]:
-            raise PhiedgeError(f"the built model gave logits for {out.shape[0]} positions, expected {ref.shape[0]}")
-        vocab = min(ref.shape[-1], out.shape[-1])
-        accumulate(sums, ref[:, :vocab], out[:, :vocab], targets)
+            raise ValidationFailed(f"the built model gave logits for {out.shape[0]} positions, expected {ref.shape[0]}")
+        if out.shape[-1] != ref.shape[-1]:  # both are the config's vocab_size (padded past the tokenizer's in Phi-3)
+            raise ValidationFailed(f"the built model's logits are {out.shape[-1]} wide, the reference's "
+                                   f"{ref.shape[-1]}: not the same vocabulary")
+        accumulate(sums, ref, out, targets)
     kl = np.array(sums.kl)
     ppl_ref, ppl_built = float(np.exp(sums.nll_ref / sums.n)), float(np.exp(sums.nll_built / sums.n))
     return {"positions": sums.n, "kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)),
@@ -140,13 +152,29 @@ def with_overrides(settings: ValidationSettings, precision: str, overrides: dict
 
 
 def random_weights(reference_dir: Path) -> bool:
-    record = reference_dir / SYNTH_FILE
-    return record.is_file() and "trained" not in json.loads(record.read_text())
+    """Whether the reference holds the random weights phiedge synth wrote, checked against their digests."""
+    record = synth_record(reference_dir)
+    return record is not None and "trained" not in record
+
+
+def enforcement(precision: str, limits: Thresholds | None, reference_dir: Path, target: str | None) -> str | None:
+    """Why the thresholds are not enforced, or None when they are."""
+    if limits is None or all(v is None for v in limits.model_dump().values()):
+        return f"no thresholds for {precision} on target {target or '(none)'}: nothing was enforced"
+    # On random weights every next-token distribution is nearly flat: quantization flips the argmax
+    # at will and its error says nothing. An export must still be exact, so fp32 is always enforced.
+    if precision != "fp32" and random_weights(reference_dir):
+        return "random-weight reference: quantized-model thresholds not enforced"
+    return None
 
 
 def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, settings: ValidationSettings,
-             eval_ids: list[int] | None = None) -> dict:
-    """Measure, compare with the thresholds for this precision, and return the report."""
+             eval_ids: list[int] | None = None, target: str | None = None) -> dict:
+    """Measure, compare with the thresholds for this precision, and return the report.
+
+    `passed` is true only when thresholds were enforced and met, false when an enforced one was crossed,
+    and null when nothing was enforced (`note` says why): never true for what was not checked.
+    """
     from transformers import AutoTokenizer
 
     from .train import eval_ids as held_out_ids
@@ -161,17 +189,14 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
                **distribution_metrics(model, reference, ids, window, logits_every_position(built_dir / config["model"]["decoder"]["filename"]))}
-    limits = settings.thresholds.get(precision, Thresholds())
-    failures = check(metrics, limits)
-    # On random weights every next-token distribution is nearly flat: quantization flips the argmax
-    # at will and its error says nothing. An export must still be exact, so fp32 is always enforced.
-    enforced = precision == "fp32" or not random_weights(reference_dir)
+    limits = settings.thresholds.get(precision)
+    failures = check(metrics, limits) if limits is not None else []
+    note = enforcement(precision, limits, reference_dir, target)
     return {
-        "built": str(built_dir), "reference": str(reference_dir), "precision": precision,
+        "built": str(built_dir), "reference": str(reference_dir), "precision": precision, "target": target,
         "size_bytes": sum(f.stat().st_size for f in built_dir.iterdir() if f.is_file()),
-        "metrics": metrics, "thresholds": limits.model_dump(), "failures": failures, "enforced": enforced,
-        "passed": not failures,
-        "note": None if enforced else "random-weight reference: quantized-model thresholds not enforced",
+        "metrics": metrics, "thresholds": (limits or Thresholds()).model_dump(), "failures": failures,
+        "enforced": note is None, "passed": not failures if note is None else None, "note": note,
     }
 
 
@@ -179,6 +204,12 @@ def raise_on_failure(report: dict) -> None:
     if report["enforced"] and report["failures"]:
         raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): "
                                + "; ".join(report["failures"]))
+
+
+def raise_unless_enforced(report: dict) -> None:
+    """For `phiedge validate`: a run that held nothing to a threshold must not exit as if it passed."""
+    if not report["enforced"]:
+        raise NotEnforced(f"{report['built']}: validation not enforced ({report['note']})")
 
 
 def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name: str | None = None,
@@ -216,12 +247,12 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]
-    return validate(built_dir, reference_dir, precision, settings, ids)
+    return validate(built_dir, reference_dir, precision, settings, ids, target.name)
 
 
 def summary_lines(report: dict) -> list[str]:
     m = report["metrics"]
-    verdict = "PASS" if report["passed"] else ("FAIL" if report["enforced"] else "not enforced")
+    verdict = {True: "PASS", False: "FAIL", None: "NOT ENFORCED"}[report["passed"]]
     return [
         f"built      {report['built']} ({report['precision']}, {report['size_bytes'] / 1e6:.1f} MB)",
         f"greedy     {sum(r['identical'] for r in m['prompts'])}/{len(m['prompts'])} prompts identical; "
