@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from . import genai_config
+from . import dequant_reference, genai_config
 from .checkpoint import SYNTH_FILE
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
-from .schema import Thresholds, ValidationSettings
+from .schema import Int4Settings, Thresholds, ValidationSettings
 
 REPORT = "validation.json"
 ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, in float64
@@ -145,8 +145,9 @@ def random_weights(reference_dir: Path) -> bool:
 
 
 def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, settings: ValidationSettings,
-             eval_ids: list[int] | None = None) -> dict:
-    """Measure, compare with the thresholds for this precision, and return the report."""
+             eval_ids: list[int] | None = None, int4: Int4Settings | dict | None = None) -> dict:
+    """Measure, compare with the thresholds for this precision, and return the report. `int4`: how the
+    build quantized its weights (the build record's), for the comparison with the dequantized reference."""
     from transformers import AutoTokenizer
 
     from .generate import load
@@ -160,8 +161,12 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     config = genai_config.read(built_dir)
     max_length = config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
+    every = logits_every_position(built_dir / config["model"]["decoder"]["filename"])
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
-               **distribution_metrics(model, reference, ids, window, logits_every_position(built_dir / config["model"]["decoder"]["filename"]))}
+               **distribution_metrics(model, reference, ids, window, every)}
+    del reference  # the dequantized reference takes its place in memory
+    dequantized = dequant_reference.compare(lambda x: built_logits(model, x, every), reference_dir, precision,
+                                            int4, settings.dequantized, ids, window)
     limits = settings.thresholds.get(precision, Thresholds())
     failures = check(metrics, limits)
     # On random weights every next-token distribution is nearly flat: quantization flips the argmax
@@ -171,15 +176,21 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
         "built": str(built_dir), "reference": str(reference_dir), "precision": precision,
         "size_bytes": sum(f.stat().st_size for f in built_dir.iterdir() if f.is_file()),
         "metrics": metrics, "thresholds": limits.model_dump(), "failures": failures, "enforced": enforced,
-        "passed": not failures,
+        "dequantized": dequantized, "passed": not (enforced and failures) and not dequantized["failures"],
         "note": None if enforced else "random-weight reference: quantized-model thresholds not enforced",
     }
 
 
+def enforced_failures(report: dict) -> list[str]:
+    """What fails the build: the thresholds against the original where they are enforced, and the check
+    against the dequantized reference on every checkpoint."""
+    return (report["failures"] if report["enforced"] else []) + report["dequantized"]["failures"]
+
+
 def raise_on_failure(report: dict) -> None:
-    if report["enforced"] and report["failures"]:
-        raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): "
-                               + "; ".join(report["failures"]))
+    failures = enforced_failures(report)
+    if failures:
+        raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): " + "; ".join(failures))
 
 
 def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name: str | None = None,
@@ -217,12 +228,13 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]
-    return validate(built_dir, reference_dir, precision, settings, ids)
+    return validate(built_dir, reference_dir, precision, settings, ids, record.get("int4"))
 
 
 def summary_lines(report: dict) -> list[str]:
     m = report["metrics"]
-    verdict = "PASS" if report["passed"] else ("FAIL" if report["enforced"] else "not enforced")
+    failed = enforced_failures(report)
+    unenforced = "" if report["enforced"] or not report["failures"] else ": " + "; ".join(report["failures"])
     return [
         f"built      {report['built']} ({report['precision']}, {report['size_bytes'] / 1e6:.1f} MB)",
         f"greedy     {sum(r['identical'] for r in m['prompts'])}/{len(m['prompts'])} prompts identical; "
@@ -231,6 +243,7 @@ def summary_lines(report: dict) -> list[str]:
         f"top-1      {m['top1']:.4f}; correct-token probability change {m['correct_token_prob_change']:+.3g}",
         f"perplexity reference {m['perplexity_reference']:.3f}, built {m['perplexity_built']:.3f}, "
         f"ratio {m['ppl_ratio']:.4f}",
-        f"verdict    {verdict}" + (": " + "; ".join(report["failures"]) if report["failures"] else "")
-        + (f" ({report['note']})" if report["note"] else ""),
+        dequant_reference.summary_line(report["dequantized"]),
+        f"verdict    {'PASS' if report['passed'] else 'FAIL'}" + (": " + "; ".join(failed) if failed else "")
+        + (f" ({report['note']}{unenforced})" if report["note"] else ""),
     ]
