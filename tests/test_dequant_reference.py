@@ -65,6 +65,23 @@ def test_dequantize_is_what_onnxruntime_computes(bits, symmetric):
     assert np.array_equal(y, deq[rows])
 
 
+def test_relative_rms_ignores_a_shift_and_measures_the_rest():
+    """Softmax ignores a constant added to a position's logits, so the metric does; a 10% scale is 0.1."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((300, 50)).astype(np.float32)
+
+    def reference(ids):
+        return type("Out", (), {"logits": torch.from_numpy(logits[:ids.shape[1]])[None]})()
+
+    ids = list(range(300))
+    same = dequant_reference.metrics(reference, lambda x: logits[:len(x)] + 3.0, ids, 300)
+    assert same["logits_rel_rms"] < 1e-6 and same["kl_mean"] < 1e-12 and same["top1"] == 1.0
+    scaled = dequant_reference.metrics(reference, lambda x: logits[:len(x)] * 1.1, ids, 300)
+    assert scaled["logits_rel_rms"] == pytest.approx(0.1, rel=1e-5) and scaled["positions"] == 300
+
+
 def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
     """Big models get the reference one layer at a time: same dequantized weights, same logits; the tied LM
     head is quantized apart from the table (4 bits, table 8)."""
@@ -100,12 +117,27 @@ def test_healthy_synth_int4_build_passes_the_enforced_check(builds, variant):
     dq = report["dequantized"]
     assert not report["enforced"] and report["failures"]  # against the original: random weights, not enforced
     assert dq["applies"] and dq["passed"] and not dq["failures"] and report["passed"]
-    limits = dq["thresholds"]
-    assert limits["logits_rel_rms"] and limits["kl_mean"]
-    assert dq["metrics"]["logits_rel_rms"] < limits["logits_rel_rms"] / 2
-    assert dq["metrics"]["kl_mean"] < limits["kl_mean"] / 2
+    assert 0 < dq["metrics"]["logits_rel_rms"] < dq["thresholds"]["logits_rel_rms"] / 2
+    assert dq["metrics"]["kl_mean"] < 1e-4 and dq["metrics"]["positions"] == 512
     record = json.loads((builds(variant, "int4") / "phiedge_build.json").read_text())
     assert record["validation"]["dequantized"] == dq
+
+
+def test_targets_set_the_limit_and_overrides_reach_it():
+    from pydantic import ValidationError
+
+    from phiedge import catalog
+    from phiedge.validate import with_overrides
+
+    for target in catalog.targets().values():
+        if target.int4.method == "stream" and (target.checks is None or target.checks.numeric):
+            assert target.validation.dequantized.logits_rel_rms, target.name
+    settings = catalog.find_target("cpu").validation
+    changed = with_overrides(settings, "int4", {"dequantized.logits_rel_rms": 0.2, "kl_mean": 1e-3})
+    assert changed.dequantized.logits_rel_rms == 0.2 and changed.thresholds["int4"].kl_mean == 1e-3
+    assert changed.dequantized.eval_tokens == settings.dequantized.eval_tokens
+    with pytest.raises(ValidationError, match="kl_max"):
+        with_overrides(settings, "int4", {"dequantized.kl_max": 1.0})
 
 
 def test_fp32_builds_say_why_the_check_does_not_apply(builds):

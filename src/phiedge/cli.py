@@ -43,7 +43,8 @@ def parse_thresholds(values: tuple[str, ...]) -> dict:
     return out
 
 
-THRESHOLD_HELP = "Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy)."
+THRESHOLD_HELP = ("Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy; "
+                  "dequantized.logits_rel_rms for the check against the dequantized weights).")
 
 
 def emit(data, as_json: bool, text: str) -> None:

@@ -9,8 +9,12 @@ where the comparison with the original cannot tell a broken build from quantizat
 file, wrong scales, a transposed or misplaced tensor all fail it.
 
 The metric is the relative RMS error of the logits, each position's logits centred (softmax ignores a
-shift): ||built - reference|| / ||reference||. KL is reported beside it, but on near-flat distributions
-(random weights) it is tiny even for a broken build, while the relative error is not.
+shift): ||built - reference|| / ||reference||. It does not depend on how sharp the distributions are.
+KL and top-1 are reported beside it, not enforced: KL scales with the spread of the logits, so on random
+weights a broken 32-layer build (9e-4) sits below a healthy wide one (7e-4), while the relative error keeps
+them 3x apart (benchmarks/RESULTS.md). What a logits comparison cannot see is weights the evaluation never
+reaches (rows of tokens absent from the text, rotary rows past its length): bundles carry SHA-256 sums
+for that (`phiedge verify`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .reference import load_reference
 from .schema import DequantizedSettings, Int4Settings
 
 Logits = Callable[[list[int]], np.ndarray]  # token ids -> the built model's logits at each position, [T, V]
+ROWS_PER_CHUNK = 64
 
 
 def not_applicable(precision: str, int4: Int4Settings | dict | None) -> str | None:
@@ -72,7 +77,8 @@ def load(reference_dir: str | Path, int4: Int4Settings, layerwise: bool | None =
 
 
 def metrics(reference, built: Logits, ids: list[int], window: int) -> dict:
-    """Relative RMS error of the centred logits over every position, and KL(reference || built)."""
+    """Relative RMS error of the centred logits over every position, and KL(reference || built), in float64
+    ROWS_PER_CHUNK positions at a time (a 200k vocabulary)."""
     import torch
 
     err = norm = 0.0
@@ -80,16 +86,18 @@ def metrics(reference, built: Logits, ids: list[int], window: int) -> dict:
     for start in range(0, len(ids), window):
         inputs = ids[start:start + window]
         with torch.no_grad():
-            ref = reference(torch.tensor([inputs])).logits[0].double()
-        out = torch.from_numpy(np.asarray(built(inputs))).double()
-        vocab = min(ref.shape[-1], out.shape[-1])
-        ref, out = ref[:, :vocab], out[:, :vocab]
-        ref_c, out_c = ref - ref.mean(-1, keepdim=True), out - out.mean(-1, keepdim=True)
-        err += float(((out_c - ref_c) ** 2).sum())
-        norm += float((ref_c ** 2).sum())
-        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
-        kl.extend((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).tolist())
-        top1 += int((ref.argmax(-1) == out.argmax(-1)).sum())
+            ref_window = reference(torch.tensor([inputs])).logits[0]
+        out_window = torch.from_numpy(np.asarray(built(inputs)))
+        vocab = min(ref_window.shape[-1], out_window.shape[-1])
+        for row in range(0, len(inputs), ROWS_PER_CHUNK):
+            ref = ref_window[row:row + ROWS_PER_CHUNK, :vocab].double()
+            out = out_window[row:row + ROWS_PER_CHUNK, :vocab].double()
+            ref_c, out_c = ref - ref.mean(-1, keepdim=True), out - out.mean(-1, keepdim=True)
+            err += float(((out_c - ref_c) ** 2).sum())
+            norm += float((ref_c ** 2).sum())
+            lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(out, -1)
+            kl.extend((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).tolist())
+            top1 += int((ref.argmax(-1) == out.argmax(-1)).sum())
         n += len(inputs)
     return {"positions": n, "logits_rel_rms": (err / norm) ** 0.5, "kl_mean": float(np.mean(kl)),
             "kl_max": float(np.max(kl)), "top1": top1 / n}
@@ -123,5 +131,5 @@ def summary_line(report: dict) -> str:
         return f"dequant    not applicable: {report['why']}"
     m, limits = report["metrics"], report["thresholds"]
     return (f"dequant    logits relative RMS {m['logits_rel_rms']:.3g} (max {limits['logits_rel_rms']}), "
-            f"KL mean {m['kl_mean']:.3g} (max {limits['kl_mean']}), top-1 {m['top1']:.4f} over {m['positions']} "
-            "positions, against the checkpoint with the build's dequantized weights")
+            f"KL mean {m['kl_mean']:.3g}, top-1 {m['top1']:.4f} over {m['positions']} positions, against the "
+            "checkpoint with the build's dequantized weights")

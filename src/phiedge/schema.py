@@ -129,14 +129,15 @@ class Thresholds(Strict):
 
 class DequantizedSettings(Strict):
     """The int4 method-stream build against the checkpoint carrying the weights phiedge quantized for it
-    (dequant_reference.py): only kernel arithmetic may differ, so these limits hold on every checkpoint."""
+    (dequant_reference.py): only kernel arithmetic may differ, so the limit holds on every checkpoint."""
 
     eval_tokens: int = Field(512, ge=16, description="first held-out tokens compared")
-    logits_rel_rms: float | None = Field(0.05, gt=0, description="max relative RMS error of the centred logits")
-    kl_mean: float | None = Field(1e-4, gt=0, description="max mean KL(dequantized reference || built)")
+    logits_rel_rms: float | None = Field(
+        0.08, gt=0, description="max relative RMS error of the centred logits (healthy builds measured 0.005 "
+                                "to 0.034, broken ones 0.11 and up: benchmarks/RESULTS.md)")
 
     def maxima(self) -> dict[str, float | None]:
-        return {"logits_rel_rms": self.logits_rel_rms, "kl_mean": self.kl_mean}
+        return {"logits_rel_rms": self.logits_rel_rms}
 
 
 class ValidationSettings(Strict):

@@ -19,7 +19,7 @@ from . import dequant_reference, genai_config
 from .checkpoint import SYNTH_FILE
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
-from .schema import Int4Settings, Thresholds, ValidationSettings
+from .schema import DequantizedSettings, Int4Settings, Thresholds, ValidationSettings
 
 REPORT = "validation.json"
 ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, in float64
@@ -131,12 +131,18 @@ def check(metrics: dict, limits: Thresholds) -> list[str]:
 
 
 def with_overrides(settings: ValidationSettings, precision: str, overrides: dict) -> ValidationSettings:
-    """The target's validation settings with some thresholds of this precision replaced.
+    """The target's validation settings with some thresholds of this precision replaced (names starting
+    `dequantized.`: the check against the dequantized reference).
 
     Raises pydantic's ValidationError for an unknown name or a value out of range.
     """
-    limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **overrides})
-    return settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits}})
+    prefix = "dequantized."
+    dq = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+    own = {k: v for k, v in overrides.items() if not k.startswith(prefix)}
+    limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **own})
+    dequantized = DequantizedSettings(**{**settings.dequantized.model_dump(), **dq})
+    return settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits},
+                                       "dequantized": dequantized})
 
 
 def random_weights(reference_dir: Path) -> bool:
