@@ -1,5 +1,6 @@
 import json
 
+from phiedge import catalog
 from phiedge.cli import cli
 
 
@@ -13,6 +14,11 @@ def test_demo_runs_the_whole_pipeline(runner, tmp_path):
     assert fp32["greedy_identical"] == 1.0 and fp32["validation_enforced"] and fp32["validation_passed"]
     assert fp32["kl_mean"] < 1e-4 and fp32["top1"] > 0.999
     assert not int4["validation_enforced"]  # random weights: quantization error means nothing
+    # ...but the graph must compute what its dequantized weights do: that check is enforced and passes
+    assert int4["validation_passed"] and int4["dequantized_check"]["applies"] and int4["dequantized_check"]["passed"]
+    limit = catalog.find_target("cpu").validation.dequantized.logits_rel_rms
+    assert 0 < int4["dequantized_check"]["logits_rel_rms"] < limit
+    assert not fp32["dequantized_check"]["applies"]
     assert int4["size_bytes"] < fp32["size_bytes"]
     assert int4["max_length"] == 4096
     assert summary["sample"]["new_tokens"] > 0

@@ -158,6 +158,7 @@ def test_random_weights_enforce_fp32_only(builds, checkpoints):
     int4 = validate_build(builds("phi-4-mini", "int4"), checkpoints["phi-4-mini"], overrides={"top1": 0.99})
     assert not int4["enforced"] and int4["passed"] is None and int4["failures"] and "random-weight" in int4["note"]
     raise_on_failure(int4)  # reported, not raised
+    assert int4["passed"] and int4["dequantized"]["passed"]  # the enforced check: against the dequantized weights
     fp32 = validate_build(builds("phi-4-mini", "fp32"), checkpoints["phi-4-mini"], overrides={"kl_mean": 1e-30})
     with pytest.raises(ValidationFailed):
         raise_on_failure(fp32)
@@ -202,6 +203,8 @@ def test_gptq_recipe_runs_offline_and_passes(trained, tmp_path):
     record = build(trained, "cpu", tmp_path / "gptq", BuildOptions(recipe="cpu-gptq", int4={"method": "builder"}))
     assert record["recipe"] == "cpu-gptq" and record["olive_passes"] == ["gptq", "builder"]
     assert record["validation"]["enforced"] and record["validation"]["passed"]
+    dq = record["validation"]["dequantized"]  # the builder quantized: nothing for phiedge to re-create
+    assert not dq["applies"] and "int4 method builder" in dq["why"]
 
 
 def test_unknown_recipe_lists_the_known_ones(trained, tmp_path):

@@ -334,7 +334,8 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         report = None
         if options.validate and runs_here:
             progress.step(f"validating against {p.checkpoint.path} in transformers")
-            report = validate(tmp, p.checkpoint.path, p.precision, p.validation, target=p.target.name)
+            report = validate(tmp, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
+                              int4=p.int4 if p.precision == "int4" else None)
             report["built"] = str(out.resolve())
             (tmp / REPORT).write_text(json.dumps(reproducible(report), indent=2) + "\n")
             raise_on_failure(report)
@@ -362,7 +363,8 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                        "memory": memory},
             "validation": None if report is None else {
                 "passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
-                **{k: v for k, v in report["metrics"].items() if k != "prompts"}},
+                **{k: v for k, v in report["metrics"].items() if k != "prompts"},
+                "dequantized": report["dequantized"]},
             "files": sorted(found["files"] + [RECORD] + ([REPORT] if report else [])),
             "size_bytes": sum((tmp / f).stat().st_size for f in files),
             "weights": budget.weight_accounting(tmp / model_file, model_graph),

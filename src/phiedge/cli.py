@@ -67,7 +67,8 @@ def parse_thresholds(values: tuple[str, ...]) -> dict:
 
 TRUST_HELP = ("Refuse the bundle unless its manifest is signed by this minisign public key (a .pub file or "
               "the RW... key line); also read from PHIEDGE_TRUST.")
-THRESHOLD_HELP = "Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy)."
+THRESHOLD_HELP = ("Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy; "
+                  "dequantized.logits_rel_rms for the check against the dequantized weights).")
 
 
 def emit(data, as_json: bool, text: str) -> None:

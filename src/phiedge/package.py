@@ -140,7 +140,8 @@ def manifest_for(model_dir: Path, name: str, files: dict[str, dict], layout: str
         "min_runtime": {"onnxruntime-genai": builder},
         "validation": None if report is None else {
             **{k: v for k, v in report["metrics"].items() if k != "prompts"},
-            "passed": report["passed"], "enforced": report["enforced"], "note": report.get("note")},
+            "passed": report["passed"], "enforced": report["enforced"], "note": report.get("note"),
+            "dequantized": report.get("dequantized")},
         "checks": record.get("checks"),
         "files": files,
     }

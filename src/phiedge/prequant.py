@@ -79,6 +79,38 @@ def quantize_rows(weight, bits: int, block_size: int, symmetric: bool, rows: int
     return packed, scales, zero_points
 
 
+def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
+               block_size: int, rows: int = ROWS_PER_CHUNK) -> np.ndarray:
+    """The [N, K] float32 weight a MatMulNBits (or GatherBlockQuantized, uint8 data) node computes with, from
+    quantize_rows' layout: w = (q - zero_point) * scale per block, 4-bit values packed low nibble first, zero
+    points packed the same way (None: symmetric, ONNX Runtime's default 2^(bits-1)). `rows` rows at a time,
+    so a 200k-row table needs no fp32 temporaries beside its output."""
+    n, blocks = scales.shape
+    out = np.empty((n, blocks * block_size), dtype=np.float32)
+    for start in range(0, n, rows):
+        sl = slice(start, min(n, start + rows))
+        q = _unpack(packed[sl], bits).reshape(-1, blocks, block_size).astype(np.float32)
+        zp = np.float32(1 << (bits - 1)) if zero_points is None else \
+            _unpack(zero_points[sl], bits)[:, :blocks, None].astype(np.float32)
+        out[sl] = ((q - zp) * scales[sl, :, None]).reshape(q.shape[0], -1)
+    return out
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return packed
+    values = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
+    values[:, 0::2], values[:, 1::2] = packed & 0x0F, packed >> 4
+    return values
+
+
+def quantize_dequantize(weight, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """The weight a build computes with: phiedge's quantizer (the one `write` runs) then dequantize.
+    The dequantized reference (dequant_reference.py) is made from this, so it follows the quantizer."""
+    packed, scales, zero_points = quantize_rows(weight, bits, block_size, symmetric)
+    return dequantize(packed, scales, None if symmetric else zero_points, bits, block_size)
+
+
 def _fp32(tensor) -> np.ndarray:
     import torch
 

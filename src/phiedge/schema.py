@@ -127,11 +127,25 @@ class Thresholds(Strict):
     greedy: float | None = Field(None, ge=0, le=1, description="min share of prompts with identical greedy tokens")
 
 
+class DequantizedSettings(Strict):
+    """The int4 method-stream build against the checkpoint carrying the weights phiedge quantized for it
+    (dequant_reference.py): only kernel arithmetic may differ, so the limit holds on every checkpoint."""
+
+    eval_tokens: int = Field(512, ge=16, description="first held-out tokens compared")
+    logits_rel_rms: float | None = Field(
+        0.08, gt=0, description="max relative RMS error of the centred logits (healthy builds measured 0.005 "
+                                "to 0.034, broken ones 0.11 and up: benchmarks/RESULTS.md)")
+
+    def maxima(self) -> dict[str, float | None]:
+        return {"logits_rel_rms": self.logits_rel_rms}
+
+
 class ValidationSettings(Strict):
     eval_tokens: int = Field(2048, ge=16, description="held-out tokens scored for KL, top-1 and perplexity")
     window: int = Field(512, ge=8, description="tokens per forward pass")
     greedy_tokens: int = Field(32, ge=1, description="new tokens per greedy prompt")
     thresholds: dict[Literal["int4", "fp32", "fp16"], Thresholds] = {}
+    dequantized: DequantizedSettings = DequantizedSettings()
 
 
 class Bundle(Strict):

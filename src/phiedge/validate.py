@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
-from . import genai_config, model_safety
+from . import dequant_reference, genai_config, model_safety
 from .checkpoint import synth_record
 from .errors import PhiedgeError
 from .reference import PROMPTS, greedy_metrics, load_reference
-from .schema import Thresholds, ValidationSettings
+from .schema import DequantizedSettings, Int4Settings, Thresholds, ValidationSettings
 
 REPORT = "validation.json"
 ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, in float64
@@ -143,12 +143,18 @@ def check(metrics: dict, limits: Thresholds) -> list[str]:
 
 
 def with_overrides(settings: ValidationSettings, precision: str, overrides: dict) -> ValidationSettings:
-    """The target's validation settings with some thresholds of this precision replaced.
+    """The target's validation settings with some thresholds of this precision replaced (names starting
+    `dequantized.`: the check against the dequantized reference).
 
     Raises pydantic's ValidationError for an unknown name or a value out of range.
     """
-    limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **overrides})
-    return settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits}})
+    prefix = "dequantized."
+    dq = {k[len(prefix):]: v for k, v in overrides.items() if k.startswith(prefix)}
+    own = {k: v for k, v in overrides.items() if not k.startswith(prefix)}
+    limits = Thresholds(**{**settings.thresholds.get(precision, Thresholds()).model_dump(), **own})
+    dequantized = DequantizedSettings(**{**settings.dequantized.model_dump(), **dq})
+    return settings.model_copy(update={"thresholds": {**settings.thresholds, precision: limits},
+                                       "dequantized": dequantized})
 
 
 def random_weights(reference_dir: Path) -> bool:
@@ -169,11 +175,15 @@ def enforcement(precision: str, limits: Thresholds | None, reference_dir: Path, 
 
 
 def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, settings: ValidationSettings,
-             eval_ids: list[int] | None = None, target: str | None = None) -> dict:
-    """Measure, compare with the thresholds for this precision, and return the report.
+             eval_ids: list[int] | None = None, target: str | None = None,
+             int4: Int4Settings | dict | None = None) -> dict:
+    """Measure, compare with the thresholds for this precision, and return the report. `int4`: how the
+    build quantized its weights (the build record's), for the comparison with the dequantized reference.
 
-    `passed` is true only when thresholds were enforced and met, false when an enforced one was crossed,
-    and null when nothing was enforced (`note` says why): never true for what was not checked.
+    `enforced` says whether the thresholds against the original were held (`note` says why not); the
+    dequantized check, where it applies, always is. `passed` is false when an enforced check failed, true
+    when at least one check was enforced and all enforced ones were met, and null when nothing was
+    enforced: never true for what was not checked.
     """
     from transformers import AutoTokenizer
 
@@ -187,28 +197,41 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     config = genai_config.read(built_dir)
     max_length = config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
+    every = logits_every_position(built_dir / config["model"]["decoder"]["filename"])
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
-               **distribution_metrics(model, reference, ids, window, logits_every_position(built_dir / config["model"]["decoder"]["filename"]))}
+               **distribution_metrics(model, reference, ids, window, every)}
+    del reference  # the dequantized reference takes its place in memory
+    dequantized = dequant_reference.compare(lambda x: built_logits(model, x, every), reference_dir, precision,
+                                            int4, settings.dequantized, ids, window)
     limits = settings.thresholds.get(precision)
     failures = check(metrics, limits) if limits is not None else []
     note = enforcement(precision, limits, reference_dir, target)
+    held = note is None or dequantized["applies"]
+    failed = (failures if note is None else []) + dequantized["failures"]
     return {
         "built": str(built_dir), "reference": str(reference_dir), "precision": precision, "target": target,
         "size_bytes": sum(f.stat().st_size for f in built_dir.iterdir() if f.is_file()),
         "metrics": metrics, "thresholds": (limits or Thresholds()).model_dump(), "failures": failures,
-        "enforced": note is None, "passed": not failures if note is None else None, "note": note,
+        "enforced": note is None, "dequantized": dequantized,
+        "passed": False if failed else (True if held else None), "note": note,
     }
 
 
+def enforced_failures(report: dict) -> list[str]:
+    """What fails the build: the thresholds against the original where they are enforced, and the check
+    against the dequantized reference on every checkpoint."""
+    return (report["failures"] if report["enforced"] else []) + report["dequantized"]["failures"]
+
+
 def raise_on_failure(report: dict) -> None:
-    if report["enforced"] and report["failures"]:
-        raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): "
-                               + "; ".join(report["failures"]))
+    failures = enforced_failures(report)
+    if failures:
+        raise ValidationFailed(f"{report['built']} fails validation ({report['precision']}): " + "; ".join(failures))
 
 
 def raise_unless_enforced(report: dict) -> None:
     """For `phiedge validate`: a run that held nothing to a threshold must not exit as if it passed."""
-    if not report["enforced"]:
+    if report["passed"] is None:
         raise NotEnforced(f"{report['built']}: validation not enforced ({report['note']})")
 
 
@@ -247,11 +270,13 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]
-    return validate(built_dir, reference_dir, precision, settings, ids, target.name)
+    return validate(built_dir, reference_dir, precision, settings, ids, target.name, record.get("int4"))
 
 
 def summary_lines(report: dict) -> list[str]:
     m = report["metrics"]
+    failed = enforced_failures(report)
+    unenforced = "" if report["enforced"] or not report["failures"] else ": " + "; ".join(report["failures"])
     verdict = {True: "PASS", False: "FAIL", None: "NOT ENFORCED"}[report["passed"]]
     return [
         f"built      {report['built']} ({report['precision']}, {report['size_bytes'] / 1e6:.1f} MB)",
@@ -261,6 +286,7 @@ def summary_lines(report: dict) -> list[str]:
         f"top-1      {m['top1']:.4f}; correct-token probability change {m['correct_token_prob_change']:+.3g}",
         f"perplexity reference {m['perplexity_reference']:.3f}, built {m['perplexity_built']:.3f}, "
         f"ratio {m['ppl_ratio']:.4f}",
-        f"verdict    {verdict}" + (": " + "; ".join(report["failures"]) if report["failures"] else "")
-        + (f" ({report['note']})" if report["note"] else ""),
+        dequant_reference.summary_line(report["dequantized"]),
+        f"verdict    {verdict}" + (": " + "; ".join(failed) if failed else "")
+        + (f" ({report['note']}{unenforced})" if report["note"] else ""),
     ]

@@ -1,0 +1,199 @@
+"""The check against the dequantized reference: exact on a healthy build, failing on a broken one, on any
+checkpoint (random weights included)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import faults
+from phiedge import build as build_module
+from phiedge import dequant_reference, prequant
+from phiedge.build import BuildOptions, Exports, build
+from phiedge.cli import cli
+from phiedge.schema import Int4Settings
+from phiedge.validate import ValidationFailed
+
+FAULTS = {"damaged data file": faults.overwrite_data, "wrong scales": faults.scale,
+          "swapped rows": faults.swap_rows, "transposed weight": faults.transpose,
+          "swapped tensors": faults.swap_tensors}
+
+
+def run_node(op: str, order: list[str], inputs: dict, initializers: dict, attrs: dict,
+             output_shape: list[int]) -> np.ndarray:
+    """One com.microsoft node in ONNX Runtime's CPU provider; `order`: its inputs' names, in the op's order."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
+    node = helper.make_node(op, [n for n in order if n in inputs or n in initializers], ["y"],
+                            domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types[v.dtype], v.shape)
+                                            for n, v in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
+                              [numpy_helper.from_array(v, n) for n, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)[0]
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (8, False)])
+def test_dequantize_is_what_onnxruntime_computes(bits, symmetric):
+    """MatMulNBits (fp32 arithmetic) and GatherBlockQuantized on quantize_rows' output give exactly x @ W.T
+    and W's rows for W = dequantize(...), read in chunks of rows or at once."""
+    rng = np.random.default_rng(0)
+    n, k, block = 40, 256, 32
+    weight = rng.standard_normal((n, k)).astype(np.float32)
+    packed, scales, zeros = prequant.quantize_rows(weight, bits, block, symmetric)
+    zp = None if symmetric else zeros
+    deq = prequant.dequantize(packed, scales, zp, bits, block)
+    assert np.array_equal(prequant.dequantize(packed, scales, zp, bits, block, rows=7), deq)
+    assert np.array_equal(prequant.quantize_dequantize(weight, bits, block, symmetric), deq)
+    assert 0 < np.abs(deq - weight).max() < (0.3 if bits == 4 else 0.02)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    extra = {} if symmetric else {"z": zeros.reshape(-1)}
+    y = run_node("MatMulNBits", ["x", "b", "s", "z"], {"x": x}, {"b": packed.reshape(n, k // block, -1), "s": scales.reshape(-1), **extra},
+                 {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0}, [3, n])
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-4)
+    rows = np.array([0, 7, 39, 12], dtype=np.int64)
+    extra = {} if symmetric else {"z": zeros}
+    y = run_node("GatherBlockQuantized", ["d", "i", "s", "z"], {"i": rows}, {"d": packed, "s": scales, **extra},
+                 {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}, [4, k])
+    assert np.array_equal(y, deq[rows])
+
+
+def test_relative_rms_ignores_a_shift_and_measures_the_rest():
+    """Softmax ignores a constant added to a position's logits, so the metric does; a 10% scale is 0.1."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((300, 50)).astype(np.float32)
+
+    def reference(ids):
+        return type("Out", (), {"logits": torch.from_numpy(logits[:ids.shape[1]])[None]})()
+
+    ids = list(range(300))
+    same = dequant_reference.metrics(reference, lambda x: logits[:len(x)] + 3.0, ids, 300)
+    assert same["logits_rel_rms"] < 1e-6 and same["kl_mean"] < 1e-12 and same["top1"] == 1.0
+    scaled = dequant_reference.metrics(reference, lambda x: logits[:len(x)] * 1.1, ids, 300)
+    assert scaled["logits_rel_rms"] == pytest.approx(0.1, rel=1e-5) and scaled["positions"] == 300
+
+
+def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
+    """Big models get the reference one layer at a time: same dequantized weights, same logits; the tied LM
+    head is quantized apart from the table (4 bits, table 8)."""
+    import torch
+
+    int4 = Int4Settings(method="stream", block_size=128, embeddings="int8")
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
+    whole = dequant_reference.load(checkpoints["phi-4-mini"], int4, layerwise=False)
+    layerwise = dequant_reference.load(checkpoints["phi-4-mini"], int4, layerwise=True)
+    original = dequant_reference.load_reference(checkpoints["phi-4-mini"], layerwise=False)
+    with torch.no_grad():
+        a, b, c = (m(ids).logits for m in (whole, layerwise, original))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - c).abs().max() > 1e-3  # the quantization error is in it
+    assert whole.lm_head.weight is not whole.model.embed_tokens.weight
+    assert not torch.equal(whole.lm_head.weight, whole.model.embed_tokens.weight)
+    table = original.model.embed_tokens.weight.detach()
+    expected = prequant.quantize_dequantize(table, 8, 128, True)
+    assert np.array_equal(whole.model.embed_tokens.weight.detach().numpy(), expected)
+
+
+def test_the_check_applies_to_method_stream_int4_only():
+    assert dequant_reference.not_applicable("int4", Int4Settings(method="stream")) is None
+    assert dequant_reference.not_applicable("int4", {"method": "stream", "block_size": 32}) is None
+    assert "builder quantized the graph" in dequant_reference.not_applicable("int4", Int4Settings(method="builder"))
+    assert "fp32 has no quantized weights" in dequant_reference.not_applicable("fp32", None)
+    assert "build record" in dequant_reference.not_applicable("int4", None)
+
+
+@pytest.mark.parametrize("variant", ["phi-4-mini", "phi-3-mini-4k"])
+def test_healthy_synth_int4_build_passes_the_enforced_check(builds, variant):
+    report = json.loads((builds(variant, "int4") / "validation.json").read_text())
+    dq = report["dequantized"]
+    assert not report["enforced"] and report["failures"]  # against the original: random weights, not enforced
+    assert dq["applies"] and dq["passed"] and not dq["failures"] and report["passed"]
+    assert 0 < dq["metrics"]["logits_rel_rms"] < dq["thresholds"]["logits_rel_rms"] / 2
+    assert dq["metrics"]["kl_mean"] < 1e-4 and dq["metrics"]["positions"] == 512
+    record = json.loads((builds(variant, "int4") / "phiedge_build.json").read_text())
+    assert record["validation"]["dequantized"] == dq
+
+
+def test_targets_set_the_limit_and_overrides_reach_it():
+    from pydantic import ValidationError
+
+    from phiedge import catalog
+    from phiedge.validate import with_overrides
+
+    for target in catalog.targets().values():
+        if target.int4.method == "stream" and (target.checks is None or target.checks.numeric):
+            assert target.validation.dequantized.logits_rel_rms, target.name
+    settings = catalog.find_target("cpu").validation
+    changed = with_overrides(settings, "int4", {"dequantized.logits_rel_rms": 0.2, "kl_mean": 1e-3})
+    assert changed.dequantized.logits_rel_rms == 0.2 and changed.thresholds["int4"].kl_mean == 1e-3
+    assert changed.dequantized.eval_tokens == settings.dequantized.eval_tokens
+    with pytest.raises(ValidationError, match="kl_max"):
+        with_overrides(settings, "int4", {"dequantized.kl_max": 1.0})
+
+
+def test_fp32_builds_say_why_the_check_does_not_apply(builds):
+    report = json.loads((builds("phi-4-mini", "fp32") / "validation.json").read_text())
+    assert not report["dequantized"]["applies"] and "fp32" in report["dequantized"]["why"]
+
+
+def damaged_copy(builds, tmp_path, fault: str):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(builds("phi-4-mini", "int4"), damaged)
+    FAULTS[fault](damaged)
+    return damaged
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_synth_int4_build_fails_validate(builds, checkpoints, tmp_path, runner, fault):
+    damaged = damaged_copy(builds, tmp_path, fault)
+    result = runner.invoke(cli, ["validate", str(damaged), "--reference", checkpoints["phi-4-mini"],
+                                 "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1, result.output
+    error = result.output.strip().splitlines()[-1]
+    assert error.startswith("Error: ") and "Traceback" not in result.output
+    assert "logits_rel_rms" in error and "against the dequantized reference exceeds the maximum" in error
+    assert "top1" not in error  # the original's thresholds stay unenforced on random weights
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["passed"] is False and report["dequantized"]["failures"]
+
+
+@pytest.fixture(scope="module")
+def export(checkpoints, tmp_path_factory):
+    """One healthy synth build whose Olive export the fault tests reuse (build's own sharing of exports)."""
+    root = tmp_path_factory.mktemp("dq-export")
+    exports = Exports(root / "exports")
+    record = build(checkpoints["phi-4-mini"], "cpu", root / "healthy", exports=exports)
+    return exports, record
+
+
+def test_healthy_build_passes_with_the_check_enforced(export):
+    _, record = export
+    dq = record["validation"]["dequantized"]
+    assert dq["applies"] and dq["passed"] and record["validation"]["passed"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_synth_int4_build_fails_build(checkpoints, export, tmp_path, monkeypatch, fault):
+    """The fault enters between the export and phiedge's checks (where the graph fixes run), so the build's
+    own validation must catch it; nothing is written."""
+    exports, _ = export
+    fix = build_module.graph_fixes.layernorm_epsilon
+
+    def damaged_then_fixed(model_file, config):
+        FAULTS[fault](model_file.parent)
+        return fix(model_file, config)
+
+    monkeypatch.setattr(build_module.graph_fixes, "layernorm_epsilon", damaged_then_fixed)
+    out = tmp_path / "out"
+    with pytest.raises(ValidationFailed, match=r"logits_rel_rms \S+ against the dequantized reference exceeds"):
+        build(checkpoints["phi-4-mini"], "cpu", out, BuildOptions(), exports=exports)
+    assert not out.exists()
