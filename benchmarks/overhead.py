@@ -21,9 +21,11 @@ from phiedge.generate import load
 
 
 def bare_tg(model, context: list[int], n_gen: int) -> float:
-    """Seconds for n_gen tokens, timed by hand around the plainest loop."""
-    gen = generator(model, len(context) + n_gen)
+    """Seconds for n_gen decode forward passes, timed by hand around the plainest loop (the first
+    generate_next_token samples the prefill's logits, untimed as in run_tg)."""
+    gen = generator(model, len(context) + n_gen + 1)
     gen.append_tokens(context)
+    gen.generate_next_token()
     t0 = time.perf_counter()
     while not gen.is_done():
         gen.generate_next_token()

@@ -2,7 +2,7 @@
 
     pip install llama-cpp-python gguf                # compiles llama.cpp (~17 min on 2 cores)
     python benchmarks/peers.py                       # synth Phi-4-mini's real layer shape with 4 layers
-    python benchmarks/peers.py --model DIR --markdown --threads 2
+    python benchmarks/peers.py --model DIR --markdown --threads 2 -r 5
 
 The checkpoint has Phi-4-mini's real layer shape (hidden 3072, 24 heads, 8 KV heads, intermediate 8192,
 vocabulary 200064, tied embeddings, LongRoPE) and 4 of its 32 layers: every matmul has its real size.
@@ -17,10 +17,16 @@ Runtimes, each on the same checkpoint:
   symmetric, accuracy level 4), run by a plain onnxruntime loop feeding back the KV cache.
 
 Tests follow llama-bench: pp N is one prefill of N random tokens from an empty cache, tg N is N single-token
-decode steps from an empty cache; each after a warm-up run, repeated. Also measured in the same run: read
-bandwidth of this machine with the same threads (numpy sums over 1 GiB, split across threads), and for each
-runtime the weight bytes read per generated token (every matrix once; an embedding row is negligible), which
-give the decode ceiling = bandwidth / bytes per token.
+decode forward passes from an (almost: phiedge's has the one-token prompt) empty cache. Runtimes are interleaved:
+each repetition loads every runtime in turn (alternating the order), runs one warm-up round of the tests, times
+them once and unloads it, so that a change in the machine's load hits every runtime in the same repetition
+(and only one model is in memory at a time). A ratio to phiedge is taken per repetition; the report gives its
+median and range. Also measured in the same run: read bandwidth of this machine with the same threads (numpy
+sums over 1 GiB, split across threads), and for each runtime the weight bytes read per generated token (every
+matrix once; an embedding row is negligible), which give the decode ceiling = bandwidth / bytes per token.
+Output: one JSON line per runtime, setting and test (every sample and every per-repetition ratio) and a last
+line with the run's metadata (threads, CPU, bandwidth, load average, commit), or with --markdown a table
+(--jsonl FILE keeps the JSON lines too).
 """
 
 from __future__ import annotations
@@ -34,13 +40,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 PP, TG = (128, 512), 128
+TESTS = [f"pp{n}" for n in PP] + [f"tg{TG}"]
+BASE = ("phiedge", "cpu target")  # what every ratio is taken against
+
+Timers = tuple[Callable[[int], float], Callable[[int], float], Callable[[], None]]  # pp(n), tg(n) seconds; close
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A runtime and setting, ready to load: open() gives its timers, loading the model."""
+
+    runtime: str
+    setting: str
+    bytes_per_token: int
+    open: Callable[[], Timers]
 
 
 def log(msg: str) -> None:
@@ -60,17 +82,58 @@ def bandwidth(threads: int, gib: float = 1.0, reps: int = 5) -> float:
     return best
 
 
-def timed(fn, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    return [fn() for _ in range(reps)]
+def run_test(timers: Timers, test: str) -> float:
+    pp, tg, _ = timers
+    return pp(int(test[2:])) if test.startswith("pp") else tg(int(test[2:]))
 
 
-def summary(runtime: str, setting: str, test: str, tokens: int, seconds: list[float], **extra) -> dict:
-    ts = [tokens / s for s in seconds]
-    return {"runtime": runtime, "setting": setting, "test": test, "avg_ts": statistics.mean(ts),
-            "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0, "samples_ts": [round(t, 2) for t in ts],
-            **extra}
+def measure(peers: list[Peer], warmup: int, reps: int) -> dict[tuple[str, str, str], list[float]]:
+    """Seconds per (runtime, setting, test), one sample per repetition, every runtime in every repetition."""
+    seconds: dict[tuple[str, str, str], list[float]] = {}
+    for rep in range(reps):
+        for peer in peers if rep % 2 == 0 else peers[::-1]:
+            log(f"repetition {rep + 1}/{reps}: {peer.runtime} {peer.setting}")
+            timers = peer.open()
+            try:
+                for _ in range(warmup):
+                    for test in TESTS:
+                        run_test(timers, test)
+                for test in TESTS:
+                    seconds.setdefault((peer.runtime, peer.setting, test), []).append(run_test(timers, test))
+            finally:
+                timers[2]()
+            del timers
+    return seconds
+
+
+def records(peers: list[Peer], seconds: dict[tuple[str, str, str], list[float]], threads: int) -> list[dict]:
+    """Tokens/s per repetition, and the ratio to phiedge's cpu target within each repetition."""
+    rows = []
+    for peer in peers:
+        for test in TESTS:
+            tokens = int(test[2:])
+            ts = [tokens / s for s in seconds[(peer.runtime, peer.setting, test)]]
+            base = [tokens / s for s in seconds[(*BASE, test)]]
+            ratios = [a / b for a, b in zip(ts, base)]
+            rows.append({"runtime": peer.runtime, "setting": peer.setting, "test": test, "threads": threads,
+                         "bytes_per_token": peer.bytes_per_token, "avg_ts": statistics.mean(ts),
+                         "stddev_ts": statistics.stdev(ts) if len(ts) > 1 else 0.0,
+                         "samples_ts": [round(t, 2) for t in ts], "ratio_samples": [round(r, 4) for r in ratios],
+                         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                         "ratio_max": max(ratios)})
+    return rows
+
+
+def commit() -> str | None:
+    """The checkout's commit (with "-dirty" when it has changes), to state beside the numbers."""
+    try:
+        head = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(HERE), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
 
 
 def ids_for(n: int) -> list[int]:
@@ -123,18 +186,15 @@ def onnx_bytes_per_token(model_path: Path) -> int:
     return total
 
 
-def phiedge_speed(model_dir: Path, warmup: int, reps: int, setting: str = "cpu target") -> list[dict]:
+def phiedge_peer(model_dir: Path, setting: str) -> Peer:
     from phiedge.bench import run_pp, run_tg
     from phiedge.generate import load
 
-    model, _ = load(str(model_dir))
-    rows = []
-    for n in PP:
-        rows.append(summary("phiedge", setting, f"pp{n}", n,
-                            timed(lambda n=n: run_pp(model, ids_for(n))[0], warmup, reps)))
-    rows.append(summary("phiedge", setting, f"tg{TG}", TG,
-                        timed(lambda: sum(run_tg(model, ids_for(1), TG)), warmup, reps)))
-    return rows
+    def open_() -> Timers:
+        model, _ = load(str(model_dir))
+        return (lambda n: run_pp(model, ids_for(n))[0]), (lambda n: sum(run_tg(model, ids_for(1), n))), lambda: None
+
+    return Peer("phiedge", setting, onnx_bytes_per_token(model_dir / "model.onnx"), open_)
 
 
 # --- llama.cpp -----------------------------------------------------------------------------------------------
@@ -164,31 +224,31 @@ def gguf_bytes_per_token(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
-def llama_speed(path: Path, setting: str, threads: int, warmup: int, reps: int) -> list[dict]:
-    import llama_cpp
+def llama_peer(path: Path, setting: str, threads: int) -> Peer:
+    def open_() -> Timers:
+        import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, verbose=False)
 
-    def pp(n: int) -> float:
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids_for(n))
-        return time.perf_counter() - t0
-
-    def tg() -> float:
-        llm.reset()
-        total = 0.0
-        for token in ids_for(TG):
+        def pp(n: int) -> float:
+            llm.reset()
             t0 = time.perf_counter()
-            llm.eval([token])
-            total += time.perf_counter() - t0
-        return total
+            llm.eval(ids_for(n))
+            return time.perf_counter() - t0
 
-    rows = [summary("llama.cpp", setting, f"pp{n}", n, timed(lambda n=n: pp(n), warmup, reps)) for n in PP]
-    rows.append(summary("llama.cpp", setting, f"tg{TG}", TG, timed(tg, warmup, reps)))
-    llm.close()
-    return rows
+        def tg(n: int) -> float:
+            llm.reset()
+            total = 0.0
+            for token in ids_for(n):
+                t0 = time.perf_counter()
+                llm.eval([token])
+                total += time.perf_counter() - t0
+            return total
+
+        return pp, tg, llm.close
+
+    return Peer("llama.cpp", setting, gguf_bytes_per_token(path), open_)
 
 
 # --- Optimum + MatMulNBits -----------------------------------------------------------------------------------
@@ -213,7 +273,11 @@ def optimum_int4(model_dir: Path, work: Path) -> Path:
     return out / "model.onnx"
 
 
-def optimum_speed(path: Path, threads: int, warmup: int, reps: int) -> list[dict]:
+def optimum_peer(path: Path, threads: int) -> Peer:
+    return Peer("optimum+ort", "MatMulNBits b32 acc4", onnx_bytes_per_token(path), lambda: optimum_timers(path, threads))
+
+
+def optimum_timers(path: Path, threads: int) -> Timers:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -240,39 +304,36 @@ def optimum_speed(path: Path, threads: int, warmup: int, reps: int) -> list[dict
         step(ids_for(n), dict(empty), 0)
         return time.perf_counter() - t0
 
-    def tg() -> float:
+    def tg(n: int) -> float:
         cache, total = dict(empty), 0.0
-        for i, token in enumerate(ids_for(TG)):
+        for i, token in enumerate(ids_for(n)):
             t0 = time.perf_counter()
             cache = step([token], cache, i)
             total += time.perf_counter() - t0
         return total
 
-    rows = [summary("optimum+ort", "MatMulNBits b32 acc4", f"pp{n}", n, timed(lambda n=n: pp(n), warmup, reps))
-            for n in PP]
-    rows.append(summary("optimum+ort", "MatMulNBits b32 acc4", f"tg{TG}", TG, timed(tg, warmup, reps)))
-    return rows
+    return pp, tg, lambda: None
 
 
 # --- report --------------------------------------------------------------------------------------------------
 
 def markdown(rows: list[dict], meta: dict) -> str:
-    base = {r["test"]: r["avg_ts"] for r in rows if (r["runtime"], r["setting"]) == ("phiedge", "cpu target")}
-    tests = [f"pp{n}" for n in PP] + [f"tg{TG}"]
-    head = "| runtime | setting | MB read / token | tg ceiling t/s | " + " | ".join(f"{t} t/s" for t in tests)
-    head += " | " + " | ".join(f"{t} vs phiedge" for t in tests) + " |"
-    lines = [head, "|" + "---|" * (4 + 2 * len(tests))]
-    keys = list(dict.fromkeys((r["runtime"], r["setting"]) for r in rows))
-    for runtime, setting in keys:
+    head = "| runtime | setting | MB read / token | tg ceiling t/s | " + " | ".join(f"{t} t/s" for t in TESTS)
+    head += " | " + " | ".join(f"{t} vs phiedge" for t in TESTS) + " |"
+    lines = [head, "|" + "---|" * (4 + 2 * len(TESTS))]
+    for runtime, setting in dict.fromkeys((r["runtime"], r["setting"]) for r in rows):
         mine = {r["test"]: r for r in rows if (r["runtime"], r["setting"]) == (runtime, setting)}
         first = next(iter(mine.values()))
-        speed = " | ".join(f"{mine[t]['avg_ts']:.1f} ± {mine[t]['stddev_ts']:.1f}" if t in mine else "" for t in tests)
-        ratio = " | ".join(f"{mine[t]['avg_ts'] / base[t]:.2f}" if t in mine and t in base else "" for t in tests)
+        speed = " | ".join(f"{mine[t]['avg_ts']:.1f} ± {mine[t]['stddev_ts']:.1f}" for t in TESTS)
+        ratio = " | ".join(f"{mine[t]['ratio_median']:.2f} ({mine[t]['ratio_min']:.2f}–{mine[t]['ratio_max']:.2f})"
+                           for t in TESTS)
         lines.append(f"| {runtime} | {setting} | {first['bytes_per_token'] / 1e6:.0f} | "
                      f"{meta['bandwidth_bytes_s'] / first['bytes_per_token']:.1f} | {speed} | {ratio} |")
     lines += ["", f"{meta['threads']} threads, {meta['cpu_info']}; read bandwidth "
-              f"{meta['bandwidth_bytes_s'] / 1e9:.1f} GB/s measured in the same run; {meta['reps']} repetitions "
-              "after a warm-up; ratios are tokens/s over phiedge's."]
+              f"{meta['bandwidth_bytes_s'] / 1e9:.1f} GB/s measured in the same run; {meta['reps']} interleaved "
+              "repetitions, each after a warm-up; tokens/s mean ± stddev; ratios are tokens/s over phiedge's "
+              "cpu target within a repetition, median (min–max); "
+              f"load average {meta['load_before']} before, {meta['load_after']} after; commit {meta['commit']}."]
     return "\n".join(lines)
 
 
@@ -280,24 +341,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="checkpoint (default: synth Phi-4-mini's shape, 4 layers)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
-    parser.add_argument("-r", "--repetitions", type=int, default=3, help="timed runs per test")
+    parser.add_argument("-r", "--repetitions", type=int, default=5,
+                        help="interleaved repetitions: each loads every runtime in turn and times each test once")
     parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "lm8"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
+    parser.add_argument("--jsonl", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args()
     from phiedge.bench import cpu_info
 
-    rows = []
-
-    def emit(new: list[dict], **extra) -> None:
-        for row in new:
-            row.update(extra)
-            rows.append(row)
-            if not args.markdown:
-                print(json.dumps(row), flush=True)
-
+    if args.repetitions < 1:
+        parser.error("--repetitions must be at least 1")
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         work = Path(work)
         model_dir = args.model
@@ -307,45 +363,38 @@ def main() -> int:
             log("synth phi-4-mini, 4 layers, real widths")
             model_dir = work / "checkpoint"
             synth("phi-4-mini", model_dir, Shrink(layers=4))
-        meta = {"threads": args.threads, "cpu_info": cpu_info(), "reps": args.repetitions}
-        log("memory bandwidth")
-        meta["bandwidth_bytes_s"] = bandwidth(args.threads)
+        meta = {"threads": args.threads, "cpu_info": cpu_info(), "reps": args.repetitions, "commit": commit()}
         log("phiedge build")
-        built = phiedge_build(model_dir, work / "phiedge", args.threads)
-        log("phiedge speed")
-        emit(phiedge_speed(built, 1, args.repetitions), bytes_per_token=onnx_bytes_per_token(built / "model.onnx"))
+        peers = [phiedge_peer(phiedge_build(model_dir, work / "phiedge", args.threads), "cpu target")]
         if "block32" not in args.skip:
             log("phiedge at block 32")
             b32 = phiedge_build(model_dir, work / "phiedge-b32", args.threads, "--block-size", "32")
-            emit(phiedge_speed(b32, 1, args.repetitions, "cpu target at block 32"),
-                 bytes_per_token=onnx_bytes_per_token(b32 / "model.onnx"))
+            peers.append(phiedge_peer(b32, "cpu target at block 32"))
         if "lm8" not in args.skip:
             log("phiedge with an 8-bit LM head")
             lm8 = phiedge_build(model_dir, work / "phiedge-lm8", args.threads, "--lm-head-bits", "8")
-            emit(phiedge_speed(lm8, 1, args.repetitions, "cpu target, 8-bit LM head"),
-                 bytes_per_token=onnx_bytes_per_token(lm8 / "model.onnx"))
+            peers.append(phiedge_peer(lm8, "cpu target, 8-bit LM head"))
         if "unpruned" not in args.skip:
             log("builder without prune_lm_head")
             unpruned = builder_unpruned(model_dir, work / "unpruned", args.threads)
-            emit(phiedge_speed(unpruned, 1, args.repetitions, "cpu target, LM head on every prompt position"),
-                 bytes_per_token=onnx_bytes_per_token(unpruned / "model.onnx"))
+            peers.append(phiedge_peer(unpruned, "cpu target, LM head on every prompt position"))
         if "llama.cpp" not in args.skip:
             log("llama.cpp convert and quantize")
             for setting, path in gguf_files(model_dir, work, args.llama_cpp_src).items():
-                log(f"llama.cpp {setting} speed")
-                emit(llama_speed(path, setting, args.threads, 1, args.repetitions),
-                     bytes_per_token=gguf_bytes_per_token(path))
+                peers.append(llama_peer(path, setting, args.threads))
         if "optimum" not in args.skip:
             log("optimum export and MatMulNBits")
-            path = optimum_int4(model_dir, work)
-            log("optimum speed")
-            emit(optimum_speed(path, args.threads, 1, args.repetitions), bytes_per_token=onnx_bytes_per_token(path))
-    for row in rows:
-        row.setdefault("threads", args.threads)
-    if args.markdown:
-        print(markdown(rows, meta))
-    else:
-        print(json.dumps({"meta": meta}))
+            peers.append(optimum_peer(optimum_int4(model_dir, work), args.threads))
+        log("memory bandwidth")
+        meta["bandwidth_bytes_s"] = bandwidth(args.threads)
+        meta["load_before"] = round(os.getloadavg()[0], 1)
+        seconds = measure(peers, 1, args.repetitions)
+        meta["load_after"] = round(os.getloadavg()[0], 1)
+        rows = records(peers, seconds, args.threads)
+    lines = [json.dumps(row) for row in rows] + [json.dumps({"meta": meta})]
+    if args.jsonl:
+        args.jsonl.write_text("\n".join(lines) + "\n")
+    print(markdown(rows, meta) if args.markdown else "\n".join(lines))
     return 0
 
 

@@ -4,6 +4,7 @@
     python benchmarks/quality.py --model DIR          # or use a checkpoint made by `phiedge train`
     python benchmarks/quality.py --markdown           # a table instead of JSON lines
     python benchmarks/quality.py --model DIR --only stream   # only the settings whose name has "stream"
+    python benchmarks/quality.py --model DIR --only cpu-rtn  # Olive's Rtn pass (recipes/cpu-rtn.yaml)
 
 Every setting is built for the cpu target by `phiedge build` and measured by `phiedge validate`'s code
 on the same held-out token ids: KL(reference || built) mean and p99, top-1 agreement, perplexity ratio,
@@ -48,6 +49,8 @@ SETTINGS = [
     ("k-quant mixed b128", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 128}),
     ("GPTQ b32 (Olive, stdlib calibration)", "int4", {"method": "builder", "algorithm": "default", "block_size": 32}, "cpu-gptq"),
     ("GPTQ b32 + 8-bit LM head", "int4", {"method": "builder", "algorithm": "rtn_last", "block_size": 32}, "cpu-gptq"),
+    ("Olive Rtn b128 (recipe cpu-rtn)", "int4", {"method": "builder", "algorithm": "default", "block_size": 128}, "cpu-rtn"),
+    ("Olive Rtn b32 (recipe cpu-rtn)", "int4", {"method": "builder", "algorithm": "default", "block_size": 32}, "cpu-rtn"),
 ]
 
 

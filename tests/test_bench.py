@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from phiedge.bench import BenchError, BenchTest, bench, plan_tests
+from phiedge import bench as bench_module
+from phiedge.bench import BenchError, BenchTest, bench, plan_tests, run_tg
 from phiedge.cli import cli
+from phiedge.generate import load
 
 LLAMA_BENCH_FIELDS = {"n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
                       "samples_ts", "n_threads", "model_size", "model_n_params", "cpu_info", "test_time"}
@@ -16,6 +18,23 @@ def test_plan_names_tests_like_llama_bench():
     assert [t.name for t in plan_tests([128, 512], [128], [0, 1024])] == ["pp128", "pp512", "tg128", "tg128 @ d1024"]
     with pytest.raises(BenchError, match="positive"):
         plan_tests([0], [128], [0])
+
+
+def test_tg_n_times_n_decode_forward_passes(builds, monkeypatch):
+    """llama-bench's tg N is N single-token forward passes. Every sampled token but the first (from the
+    prefill's logits) needs a forward pass over the one before it, so N timed passes leave N + 1 sampled
+    tokens after the context; timing from the first sample gives N tokens, N - 1 passes."""
+    model, _ = load(str(builds("phi-4-mini", "int4")))
+    made, real = [], bench_module.generator
+    monkeypatch.setattr(bench_module, "generator", lambda *args: made.append(real(*args)) or made[-1])
+    context = [5, 6, 7]
+    for n_gen in (1, 6):
+        steps = run_tg(model, context, n_gen)
+        assert len(steps) == n_gen and all(s > 0 for s in steps)
+        sequence = list(made[-1].get_sequence(0))
+        assert sequence[:len(context)] == context
+        assert len(sequence) - len(context) - 1 == n_gen  # tokens fed through a decode forward pass
+    assert len(made) == 2
 
 
 def test_records_carry_every_field(builds):

@@ -73,3 +73,20 @@ def test_workflow_commands_are_real_phiedge_commands_and_options():
         command = cli.commands[words[0]]
         known = {opt for p in command.params for opt in p.opts + p.secondary_opts}
         assert [w for w in words[1:] if w.startswith("-") and w not in known] == [], words
+
+
+def test_every_torch_install_takes_the_cpu_wheel_from_pytorchs_index():
+    """On Linux PyPI's torch is the CUDA build (several GB); only PyTorch's CPU index serves the CPU wheel
+    everywhere (a machine whose pip finds a local CPU wheel hides this)."""
+    files = [ROOT / "README.md", ROOT / ".ci" / "run", ROOT / "pyproject.toml", *sorted(WORKFLOWS.glob("*.yml"))]
+    installs = {}
+    for path in files:
+        for line in path.read_text().splitlines():
+            for part in re.split(r"&&|;|`", line):
+                if re.search(r"pip install\b.*\btorch\b", part):
+                    installs[f"{path.name}: {part.strip()}"] = part
+    assert {name.split(":")[0] for name in installs} >= {"README.md", "run", "pyproject.toml", "release.yml"}
+    for name, part in installs.items():
+        words = shlex.split(part)
+        assert "torch==2.13.0" in words, name
+        assert "--index-url" in words and words[words.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu", name

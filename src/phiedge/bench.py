@@ -80,9 +80,15 @@ def run_pp(model, ids: list[int]) -> tuple[float, float]:
 
 
 def run_tg(model, context: list[int], n_gen: int) -> list[float]:
-    """Seconds of each of n_gen decode steps after the context (not timed)."""
+    """Seconds of each of n_gen decode steps after the context (not timed), each one forward pass of one token.
+
+    That is llama-bench's tg N. append_tokens runs the context's forward pass and leaves its logits, so the
+    first generate_next_token only samples from them; n_gen timed calls after it feed n_gen tokens through
+    the model (timing the first call instead would count n_gen - 1 passes as n_gen tokens).
+    """
     gen = generator(model, len(context) + n_gen + 1)
     gen.append_tokens(context)
+    gen.generate_next_token()  # the token after the context, from the prefill's logits: no forward pass
     latencies = []
     for _ in range(n_gen):
         t = time.perf_counter()
