@@ -10,7 +10,7 @@ Random weights: speed does not depend on their values.
 
 Runtimes, each on the same checkpoint:
 - phiedge: `phiedge build --target cpu` (the target's defaults), timed by phiedge's bench loops; also at
-  block 32, and through the builder without prune_lm_head (logits for every prompt position);
+  block 32, with an 8-bit LM head, and without prune_lm_head (logits for every prompt position);
 - llama.cpp: converted by the llama-cpp-python sdist's `convert_hf_to_gguf.py`, quantized by llama.cpp to
   Q4_0 and Q4_K_M, run through llama-cpp-python (n_batch 512, the same threads for batch and decode);
 - Optimum: `optimum-cli export onnx` (fp32, KV cache), then ONNX Runtime's MatMulNBitsQuantizer (block 32,
@@ -149,24 +149,28 @@ def phiedge_build(model_dir: Path, out: Path, threads: int, *extra: str) -> Path
     return out
 
 
-def builder_unpruned(model_dir: Path, out: Path, threads: int) -> Path:
-    """The cpu target's int4 settings through the builder directly, with its default: logits for every
-    prompt position (no prune_lm_head). Shows what pruning the LM head is worth."""
-    import json as _json
+def phiedge_unpruned(model_dir: Path, out: Path, threads: int) -> Path:
+    """The cpu target's build with the builder's default of logits for every prompt position: its recipe
+    without prune_lm_head, all else (method stream, int8 table) equal. Shows what pruning the LM head is
+    worth. (Through the builder directly, as before, the builder's own int4 path needs about 15 GB here.)"""
+    from phiedge import catalog
+    from phiedge.build import BuildOptions, build
 
-    from onnxruntime_genai.models.builder import create_model
+    load_recipe = catalog.load_recipe
 
-    from phiedge.catalog import find_target
-    from phiedge.olive_config import builder_options
+    def unpruned(name: str) -> dict:
+        recipe = load_recipe(name)
+        for spec in recipe["passes"].values():
+            if spec.get("type") == "ModelBuilder":
+                spec.setdefault("extra_options", {})["prune_lm_head"] = False
+        return recipe
 
-    t = find_target("cpu")
-    options = {k: v for k, v in builder_options("int4", t.int4).items() if k != "precision"}
-    with contextlib.redirect_stdout(sys.stderr):  # the builder prints progress; stdout carries results
-        create_model("phi", str(model_dir), str(out), "int4", "cpu", str(out.parent / "builder-cache"),
-                     hf_token="false", hf_remote=False, prune_lm_head=False, **options)
-    config = _json.loads((out / "genai_config.json").read_text())
-    config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
-    (out / "genai_config.json").write_text(_json.dumps(config))
+    catalog.load_recipe = unpruned
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            build(model_dir, "cpu", out, BuildOptions(threads=threads, validate=False), force=True)
+    finally:
+        catalog.load_recipe = load_recipe
     return out
 
 
@@ -375,8 +379,8 @@ def main() -> int:
             lm8 = phiedge_build(model_dir, work / "phiedge-lm8", args.threads, "--lm-head-bits", "8")
             peers.append(phiedge_peer(lm8, "cpu target, 8-bit LM head"))
         if "unpruned" not in args.skip:
-            log("builder without prune_lm_head")
-            unpruned = builder_unpruned(model_dir, work / "unpruned", args.threads)
+            log("phiedge without prune_lm_head")
+            unpruned = phiedge_unpruned(model_dir, work / "unpruned", args.threads)
             peers.append(phiedge_peer(unpruned, "cpu target, LM head on every prompt position"))
         if "llama.cpp" not in args.skip:
             log("llama.cpp convert and quantize")
