@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,6 +103,41 @@ def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
     table = original.model.embed_tokens.weight.detach()
     expected = prequant.quantize_dequantize(table, 8, 128, True)
     assert np.array_equal(whole.model.embed_tokens.weight.detach().numpy(), expected)
+
+
+@pytest.mark.parametrize("int4", [{"block_size": 128, "symmetric": True, "embeddings": "int8", "lm_head_bits": 4},
+                                  {"block_size": 32, "symmetric": False, "embeddings": "int4", "lm_head_bits": 8}])
+def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoints, tmp_path, int4):
+    """Every matrix prequant.write stores, dequantized, is the reference's weight for it: same tensors, bits,
+    block and symmetry (a change to what write quantizes, and how, shows here first)."""
+    import torch
+    from safetensors import safe_open
+
+    ckpt = checkpoints["phi-4-mini"]
+    prequant.write(Path(ckpt), tmp_path / "q", int4["block_size"], int4["symmetric"], int4["lm_head_bits"],
+                   int4["embeddings"])
+    stored = {}
+    for path in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            stored.update((name, f.get_tensor(name).numpy()) for name in f.keys()
+                          if name.endswith((".qweight", ".scales", ".qzeros")))  # the norms stay bf16
+    settings = Int4Settings(method="stream", **int4)
+    transform = dequant_reference.dequantizer(settings)
+    weights = prequant.Weights(Path(ckpt))
+    sources = {**{name[:-len(".weight")]: name for name in weights.names()}, "lm_head": prequant.EMBEDDING}
+    quantized = sorted(name[:-len(".qweight")] for name in stored if name.endswith(".qweight"))
+    assert len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])
+    for prefix in quantized:
+        source = sources[prefix]
+        name = "lm_head.weight" if prefix == "lm_head" else source
+        bits = dequant_reference.bits_of(name, settings)
+        expected = prequant.dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
+                                       None if int4["symmetric"] else stored[f"{prefix}.qzeros"], bits,
+                                       int4["block_size"])
+        got = transform(name, weights.tensor(source).to(torch.float32))
+        assert np.array_equal(got.numpy(), expected), prefix
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(transform(norm, weights.tensor(norm)), weights.tensor(norm))  # stored as it is
 
 
 def test_the_check_applies_to_method_stream_int4_only():
