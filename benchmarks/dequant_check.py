@@ -73,8 +73,8 @@ def rows_for(name: str, checkpoint: str, int4: dict, with_faults: bool, work: Pa
             damaged = work / "damaged"
             shutil.rmtree(damaged, ignore_errors=True)
             shutil.copytree(out, damaged)
-            inject(damaged)
-            rows.append({"checkpoint": name, "build": fault,
+            what = inject(damaged)
+            rows.append({"checkpoint": name, "build": fault, "changed": what,
                          **measure(damaged, checkpoint, settings_int4, dq, settings.window)})
     shutil.rmtree(out)
     return rows

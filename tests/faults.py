@@ -33,7 +33,20 @@ def overwrite_data(folder: Path, nbytes: int = 1 << 16, at: float = 0.5, seed: i
     stop = min(len(raw), start + nbytes)
     raw[start:stop] = np.random.default_rng(seed).integers(0, 256, stop - start, dtype=np.uint8).tobytes()
     _rewrite(path, bytes(raw))
-    return f"{stop - start} bytes overwritten at {start} of {len(raw)}"
+    return f"{stop - start} bytes overwritten at {start} of {len(raw)}: {', '.join(stored_in(folder, start, stop))}"
+
+
+def stored_in(folder: Path, start: int, stop: int) -> list[str]:
+    """The initializers whose bytes in the data file overlap [start, stop)."""
+    import onnx
+
+    model = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+    names = []
+    for t in model.graph.initializer:
+        where = {e.key: int(e.value) for e in t.external_data if e.key in ("offset", "length")}
+        if where and where["offset"] < stop and where["offset"] + where["length"] > start:
+            names.append(t.name)
+    return names
 
 
 def _edit(folder: Path, change) -> str:

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import faults
 from phiedge import build as build_module
-from phiedge import dequant_reference, prequant
-from phiedge.build import BuildOptions, Exports, build
+from phiedge import catalog, dequant_reference, prequant, train
+from phiedge.build import RECORD, BuildOptions, Exports, build, plan
 from phiedge.cli import cli
+from phiedge.corpus import split_files
 from phiedge.schema import Int4Settings
-from phiedge.validate import ValidationFailed
+from phiedge.validate import REPORT, ValidationFailed, with_overrides
 
 FAULTS = {"damaged data file": faults.overwrite_data, "wrong scales": faults.scale,
           "swapped rows": faults.swap_rows, "transposed weight": faults.transpose,
@@ -103,6 +105,41 @@ def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
     assert np.array_equal(whole.model.embed_tokens.weight.detach().numpy(), expected)
 
 
+@pytest.mark.parametrize("int4", [{"block_size": 128, "symmetric": True, "embeddings": "int8", "lm_head_bits": 4},
+                                  {"block_size": 32, "symmetric": False, "embeddings": "int4", "lm_head_bits": 8}])
+def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoints, tmp_path, int4):
+    """Every matrix prequant.write stores, dequantized, is the reference's weight for it: same tensors, bits,
+    block and symmetry (a change to what write quantizes, and how, shows here first)."""
+    import torch
+    from safetensors import safe_open
+
+    ckpt = checkpoints["phi-4-mini"]
+    prequant.write(Path(ckpt), tmp_path / "q", int4["block_size"], int4["symmetric"], int4["lm_head_bits"],
+                   int4["embeddings"])
+    stored = {}
+    for path in (tmp_path / "q").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            stored.update((name, f.get_tensor(name).numpy()) for name in f.keys()
+                          if name.endswith((".qweight", ".scales", ".qzeros")))  # the norms stay bf16
+    settings = Int4Settings(method="stream", **int4)
+    transform = dequant_reference.dequantizer(settings)
+    weights = prequant.Weights(Path(ckpt))
+    sources = {**{name[:-len(".weight")]: name for name in weights.names()}, "lm_head": prequant.EMBEDDING}
+    quantized = sorted(name[:-len(".qweight")] for name in stored if name.endswith(".qweight"))
+    assert len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])
+    for prefix in quantized:
+        source = sources[prefix]
+        name = "lm_head.weight" if prefix == "lm_head" else source
+        bits = dequant_reference.bits_of(name, settings)
+        expected = prequant.dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
+                                       None if int4["symmetric"] else stored[f"{prefix}.qzeros"], bits,
+                                       int4["block_size"])
+        got = transform(name, weights.tensor(source).to(torch.float32))
+        assert np.array_equal(got.numpy(), expected), prefix
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(transform(norm, weights.tensor(norm)), weights.tensor(norm))  # stored as it is
+
+
 def test_the_check_applies_to_method_stream_int4_only():
     assert dequant_reference.not_applicable("int4", Int4Settings(method="stream")) is None
     assert dequant_reference.not_applicable("int4", {"method": "stream", "block_size": 32}) is None
@@ -126,9 +163,6 @@ def test_healthy_synth_int4_build_passes_the_enforced_check(builds, variant):
 def test_targets_set_the_limit_and_overrides_reach_it():
     from pydantic import ValidationError
 
-    from phiedge import catalog
-    from phiedge.validate import with_overrides
-
     for target in catalog.targets().values():
         if target.int4.method == "stream" and (target.checks is None or target.checks.numeric):
             assert target.validation.dequantized.logits_rel_rms, target.name
@@ -145,6 +179,17 @@ def test_fp32_builds_say_why_the_check_does_not_apply(builds):
     assert not report["dequantized"]["applies"] and "fp32" in report["dequantized"]["why"]
 
 
+# The faults change every position's logits, so a short evaluation shows them as well as the targets' 2048
+# held-out tokens would, in a fraction of the time (these tests run ten validations).
+SHORT_EVAL = 128
+
+
+def short_text(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text(split_files()[1][0].read_text(encoding="utf-8")[:600], encoding="utf-8")
+    return path
+
+
 def damaged_copy(builds, tmp_path, fault: str):
     damaged = tmp_path / "damaged"
     shutil.copytree(builds("phi-4-mini", "int4"), damaged)
@@ -156,7 +201,7 @@ def damaged_copy(builds, tmp_path, fault: str):
 def test_a_broken_synth_int4_build_fails_validate(builds, checkpoints, tmp_path, runner, fault):
     damaged = damaged_copy(builds, tmp_path, fault)
     result = runner.invoke(cli, ["validate", str(damaged), "--reference", checkpoints["phi-4-mini"],
-                                 "--json", str(tmp_path / "r.json")])
+                                 "--text", str(short_text(tmp_path)), "--json", str(tmp_path / "r.json")])
     assert result.exit_code == 1, result.output
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("Error: ") and "Traceback" not in result.output
@@ -164,28 +209,43 @@ def test_a_broken_synth_int4_build_fails_validate(builds, checkpoints, tmp_path,
     assert "top1" not in error  # the original's thresholds stay unenforced on random weights
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["dequantized"]["failures"]
+    assert report["dequantized"]["metrics"]["positions"] >= 64
 
 
 @pytest.fixture(scope="module")
-def export(checkpoints, tmp_path_factory):
-    """One healthy synth build whose Olive export the fault tests reuse (build's own sharing of exports)."""
+def export(builds, checkpoints, tmp_path_factory):
+    """The synth int4 build's export, for build's own sharing of exports: the fault tests run phiedge's
+    stages after Olive (fixes, checks, validation) without running Olive again."""
+    built = builds("phi-4-mini", "int4")
     root = tmp_path_factory.mktemp("dq-export")
+    olive_output = root / "olive-output"
+    olive_output.mkdir()
+    for path in built.iterdir():
+        if path.name not in (RECORD, REPORT):
+            shutil.copy2(path, olive_output / path.name)
     exports = Exports(root / "exports")
-    record = build(checkpoints["phi-4-mini"], "cpu", root / "healthy", exports=exports)
-    return exports, record
+    record = json.loads((built / RECORD).read_text())
+    exports.put(Exports.key(plan(checkpoints["phi-4-mini"], "cpu"), None), olive_output, record["olive_passes"], "cpu")
+    return exports
 
 
-def test_healthy_build_passes_with_the_check_enforced(export):
-    _, record = export
+@pytest.fixture
+def short_eval(monkeypatch):
+    held_out = train.eval_ids
+    monkeypatch.setattr(train, "eval_ids", lambda model_dir, n: held_out(model_dir, min(n, SHORT_EVAL)))
+
+
+def test_a_sound_build_passes_with_the_check_enforced(checkpoints, export, tmp_path, short_eval):
+    record = build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out", BuildOptions(), exports=export)
     dq = record["validation"]["dequantized"]
-    assert dq["applies"] and dq["passed"] and record["validation"]["passed"]
+    assert dq["applies"] and dq["passed"] and record["validation"]["passed"] and not record["validation"]["enforced"]
+    assert dq["metrics"]["positions"] == SHORT_EVAL
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_a_broken_synth_int4_build_fails_build(checkpoints, export, tmp_path, monkeypatch, fault):
+def test_a_broken_synth_int4_build_fails_build(checkpoints, export, tmp_path, monkeypatch, short_eval, fault):
     """The fault enters between the export and phiedge's checks (where the graph fixes run), so the build's
     own validation must catch it; nothing is written."""
-    exports, _ = export
     fix = build_module.graph_fixes.layernorm_epsilon
 
     def damaged_then_fixed(model_file, config):
@@ -195,5 +255,5 @@ def test_a_broken_synth_int4_build_fails_build(checkpoints, export, tmp_path, mo
     monkeypatch.setattr(build_module.graph_fixes, "layernorm_epsilon", damaged_then_fixed)
     out = tmp_path / "out"
     with pytest.raises(ValidationFailed, match=r"logits_rel_rms \S+ against the dequantized reference exceeds"):
-        build(checkpoints["phi-4-mini"], "cpu", out, BuildOptions(), exports=exports)
+        build(checkpoints["phi-4-mini"], "cpu", out, BuildOptions(), exports=export)
     assert not out.exists()
