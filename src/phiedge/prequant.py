@@ -3,9 +3,10 @@
 Olive's ModelBuilder pass reads Olive-format quantized checkpoints (`quant_method: olive`) without loading a
 float model: their weights go into MatMulNBits (and an int8/int4 embedding table into GatherBlockQuantized)
 as they are. This module writes such a checkpoint. Every Linear weight, the LM head and, if the target asks,
-the embedding table are read from the safetensors files a slice of rows at a time, quantized by ONNX
-Runtime's own block quantization kernel (`quantize_matmul_4bits`/`_8bits`, the one the builder's default
-int4 path runs on its fp32 graph, so the weights come out identical), and written shard by shard.
+the embedding table are read from the safetensors files a slice of rows at a time, quantized by
+`quantizer.quantize` (rtn: ONNX Runtime's own block quantization kernel, the one the builder's default int4
+path runs on its fp32 graph, so the weights come out identical; mse: least-squared-error block scales in
+the same layout), and written shard by shard.
 Peak memory is one shard of quantized weights plus one slice in fp32, whatever the model's size.
 """
 
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BuildError, ModelError
+from .errors import ModelError
+from .quantizer import quantize
 
-ROWS_PER_CHUNK = 4096  # rows quantized at once: Phi-4's 17920-wide down_proj is 294 MB of fp32 (twice, transposed)
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
 EMBEDDING = "model.embed_tokens.weight"
 EMBEDDING_BITS = {"int8": 8, "int4": 4}
@@ -41,46 +42,6 @@ def unsupported(config: dict, folder: Path) -> str | None:
     if not any(Path(folder).glob("*.safetensors")):
         return "its weights are not in safetensors files"
     return None
-
-
-def quantize_rows(weight, bits: int, block_size: int, symmetric: bool, rows: int = ROWS_PER_CHUNK):
-    """ONNX Runtime's block quantization of a [N, K] weight (a Linear's layout; blocks run along K).
-
-    Returns (packed [N, K*bits/8] uint8, scales [N, K/block] float32, zero points [N, ceil(blocks*bits/8)]
-    uint8): the MatMulNBits layout, which is also GatherBlockQuantized's for a [vocab, hidden] table.
-    `weight` may be any tensor or array slicable by rows (a memory-mapped safetensors slice); it is read
-    `rows` rows at a time, so only one chunk is ever in fp32.
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    kernel = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
-    n, k = weight.shape
-    if k % block_size:
-        raise BuildError(f"a {n} x {k} weight does not split into blocks of {block_size}")
-    blocks, blob = k // block_size, block_size * bits // 8
-    packed = np.empty((n, blocks * blob), dtype=np.uint8)
-    scales = np.empty((n, blocks), dtype=np.float32)
-    zero_points = np.empty((n, (blocks * bits + 7) // 8), dtype=np.uint8)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        chunk = _fp32(weight[start:stop])
-        fp32 = np.ascontiguousarray(chunk.T)  # the kernel takes B of MatMul(A, B): [K, N]
-        del chunk
-        cols = stop - start
-        p = np.zeros((cols, blocks, blob), dtype=np.uint8)
-        s = np.zeros((cols, blocks), dtype=np.float32)
-        z = np.zeros((cols, zero_points.shape[1]), dtype=np.uint8)
-        kernel(p, fp32, s, z, block_size, cols, k, symmetric)
-        packed[start:stop], scales[start:stop], zero_points[start:stop] = p.reshape(cols, -1), s, z
-    return packed, scales, zero_points
-
-
-def _fp32(tensor) -> np.ndarray:
-    import torch
-
-    if isinstance(tensor, torch.Tensor):
-        return tensor.to(torch.float32).numpy()
-    return np.asarray(tensor, dtype=np.float32)
 
 
 class Rows:
@@ -160,12 +121,13 @@ def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
-          embeddings: str = "float", on_matrix=None) -> dict:
+          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn") -> dict:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
     (quantized from the embedding when the checkpoint ties them), the embedding table at 8 or 4 bits or as
-    it is (`embeddings`: int8, int4, float). Norms are copied. Returns the quantization_config written into
+    it is (`embeddings`: int8, int4, float), every block's scale chosen by `quantizer` (rtn or mse). Norms are
+    copied. Returns the quantization_config written into
     config.json, which tells Olive's ModelBuilder pass what it reads.
     """
     import torch
@@ -196,7 +158,7 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             flush()
 
     def quantized(prefix: str, source: str, bits: int) -> None:
-        packed, scales, zeros = quantize_rows(weights.rows(source), bits, block_size, symmetric)
+        packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, quantizer)
         put(f"{prefix}.qweight", packed)
         put(f"{prefix}.scales", scales)
         if not symmetric:
