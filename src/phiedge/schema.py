@@ -88,6 +88,10 @@ class Int4Settings(Strict):
     embeddings: Literal["float", "int8", "int4"] = Field(
         "float", description="input embedding table: float, or GatherBlockQuantized at 8 or 4 bits (stream only)")
     lm_head_bits: Literal[4, 8] = Field(4, description="bits of the LM head's MatMulNBits (8: stream only)")
+    quantizer: Literal["rtn", "mse"] = Field(
+        "rtn", description="how method stream chooses each block's scale: rtn, ONNX Runtime's round to nearest "
+                           "with the block's absolute maximum; mse, the scale (and zero point) of least squared "
+                           "error, never worse than rtn's for any block (stream only; same bytes and kernels)")
 
     @field_validator("block_size")
     @classmethod
@@ -99,8 +103,8 @@ class Int4Settings(Strict):
     @model_validator(mode="after")
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
-            if self.embeddings != "float" or self.lm_head_bits != 4:
-                raise ValueError("embeddings int8/int4 and lm_head_bits 8 need method: stream "
+            if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn":
+                raise ValueError("embeddings int8/int4, lm_head_bits 8 and quantizer mse need method: stream "
                                  "(with the builder, use algorithm rtn_last for an 8-bit LM head)")
             return self
         problems = []
