@@ -181,8 +181,9 @@ def test_gather_block_quantized_returns_the_dequantized_rows(bits, symmetric, me
     assert np.allclose(y[0], reference[ids[0]], rtol=1e-6, atol=0)
 
 
-def test_stream_build_with_mse_writes_the_searched_weights(checkpoints, tmp_path):
-    """The build's MatMulNBits weights are the quantizer's mse output for the checkpoint's matrices."""
+def test_stream_build_writes_the_searched_weights_and_the_eight_bit_policy(checkpoints, tmp_path):
+    """The build's MatMulNBits weights are the quantizer's mse output for the checkpoint's matrices, at 8 bits
+    where eight_bit names them and 4 elsewhere; the model validates (loads and runs) like any build."""
     import onnx
     from onnx import numpy_helper
     from safetensors import safe_open
@@ -190,22 +191,25 @@ def test_stream_build_with_mse_writes_the_searched_weights(checkpoints, tmp_path
     from phiedge.build import BuildOptions, build
 
     ckpt = Path(checkpoints["phi-4-mini"])
-    record = build(ckpt, "cpu", tmp_path / "m", BuildOptions(int4={"quantizer": "mse"}))
-    assert record["int4"]["quantizer"] == "mse" and record["validation"] is not None
+    int4 = {"quantizer": "mse", "eight_bit": ["model.layers.0.mlp.down_proj"]}
+    record = build(ckpt, "cpu", tmp_path / "m", BuildOptions(int4=int4))
+    assert record["int4"]["quantizer"] == "mse" and record["int4"]["eight_bit"] == int4["eight_bit"]
+    assert record["validation"] is not None
     assert json.loads((tmp_path / "m" / "phiedge_build.json").read_text())["int4"]["quantizer"] == "mse"
     model = onnx.load(str(tmp_path / "m" / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "down_proj" in n.name)
-    with safe_open(str(next(ckpt.glob("*.safetensors"))), framework="pt") as f:
-        name = next(n for n in f.keys() if n.endswith("layers.0.mlp.down_proj.weight"))
-        weight = f.get_tensor(name)
+    nodes = {n.name: n for n in model.graph.node if n.op_type == "MatMulNBits"}
     block = record["int4"]["block_size"]
-    packed, scales, _ = quantizer.quantize(weight, 4, block, True, "mse")
-    assert "layers.0" in node.name or "layers/0" in node.name
-    assert np.array_equal(inits[node.input[1]].reshape(-1), packed.reshape(-1))
-    assert np.array_equal(inits[node.input[2]].reshape(-1), scales.reshape(-1))
-    rtn_packed, _, _ = quantizer.quantize(weight, 4, block, True, "rtn")
-    assert not np.array_equal(rtn_packed, packed)
+    with safe_open(str(next(ckpt.glob("*.safetensors"))), framework="pt") as f:
+        for layer, bits in ((0, 8), (1, 4)):
+            weight = f.get_tensor(f"model.layers.{layer}.mlp.down_proj.weight")
+            node = next(n for name, n in nodes.items() if f"layers.{layer}/" in name and "down_proj" in name)
+            assert {a.name: a.i for a in node.attribute}["bits"] == bits
+            packed, scales, _ = quantizer.quantize(weight, bits, block, True, "mse")
+            assert np.array_equal(inits[node.input[1]].reshape(-1), packed.reshape(-1))
+            assert np.array_equal(inits[node.input[2]].reshape(-1), scales.reshape(-1))
+            assert not np.array_equal(quantizer.quantize(weight, bits, block, True, "rtn")[0], packed)
+    assert sum({a.name: a.i for a in n.attribute}["bits"] == 8 for n in nodes.values()) == 1
 
 
 def test_quantizer_option_is_checked_at_the_cli(runner, checkpoints, tmp_path):
@@ -214,7 +218,13 @@ def test_quantizer_option_is_checked_at_the_cli(runner, checkpoints, tmp_path):
     result = runner.invoke(cli, ["build", "--target", "cpu", "--model", checkpoints["phi-4-mini"], "-o",
                                  str(tmp_path / "o"), "--quantizer", "mse", "--int4-method", "builder"])
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert result.exit_code != 0 and len(lines) == 1 and "quantizer mse need method: stream" in lines[0]
+    assert result.exit_code != 0 and len(lines) == 1 and "quantizer mse" in lines[0] \
+        and "need method: stream" in lines[0]
+    assert not (tmp_path / "o").exists()
+    line = [ln for ln in runner.invoke(cli, ["build", "--target", "cpu", "--model", checkpoints["phi-4-mini"], "-o",
+                                            str(tmp_path / "o"), "--eight-bit", "model.layers.*.mlp.down_proj",
+                                            "--eight-bit", "model.layers.9.*"]).output.splitlines() if ln.strip()]
+    assert len(line) == 1 and "eight_bit pattern 'model.layers.9.*' matches no layer matrix" in line[0]
     assert not (tmp_path / "o").exists()
     result = runner.invoke(cli, ["build", "--target", "cpu", "--model", checkpoints["phi-2"], "-o",
                                  str(tmp_path / "o"), "--quantizer", "mse"])

@@ -176,6 +176,9 @@ def train(out, like, steps, seed, force):
 @click.option("--quantizer", type=click.Choice(["rtn", "mse"]), default=None,
               help="How --int4-method stream picks each block's scale: rtn (round to nearest, ONNX Runtime's "
                    "kernel) or mse (least squared error, never worse than rtn; same size and speed).")
+@click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
+              help="Keep the layer matrices this pattern names at 8 bits (stream; repeatable), e.g. "
+                   "'model.layers.*.mlp.down_proj'. Replaces the target's list.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
@@ -189,8 +192,8 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, context_cap, threads,
-          recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
+          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, context_cap,
+          threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -201,7 +204,7 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
                                   lm_head_bits=lm_head_bits and int(lm_head_bits),
-                                  quantizer=quantizer).items() if v is not None}
+                                  quantizer=quantizer, eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if bool(target_name) == all_targets:

@@ -12,6 +12,7 @@ Peak memory is one shard of quantized weights plus one slice in fp32, whatever t
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
@@ -115,19 +116,27 @@ def is_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(LINEAR_SUFFIXES)
 
 
+def eight_bit_matrices(names, patterns) -> tuple[set[str], list[str]]:
+    """The layer matrices (names without .weight) that `patterns` keep at 8 bits, and the patterns that match
+    none (a typo would otherwise quietly leave every matrix at 4 bits)."""
+    matrices = [name[: -len(".weight")] for name in names if is_linear(name)]
+    chosen = {m for m in matrices if any(fnmatch.fnmatchcase(m, p) for p in patterns)}
+    return chosen, [p for p in patterns if not any(fnmatch.fnmatchcase(m, p) for m in matrices)]
+
+
 def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
     """Matrices `write` quantizes: the layers' Linear weights, the LM head and perhaps the embedding table."""
     return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings != "float")
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
-          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn") -> dict:
+          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=()) -> dict:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
     (quantized from the embedding when the checkpoint ties them), the embedding table at 8 or 4 bits or as
-    it is (`embeddings`: int8, int4, float), every block's scale chosen by `quantizer` (rtn or mse). Norms are
-    copied. Returns the quantization_config written into
+    it is (`embeddings`: int8, int4, float), the layer matrices `eight_bit` patterns name at 8 bits, every
+    block's scale chosen by `quantizer` (rtn or mse). Norms are copied. Returns the quantization_config written into
     config.json, which tells Olive's ModelBuilder pass what it reads.
     """
     import torch
@@ -142,6 +151,9 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
                 and path.name != "config.json":
             shutil.copy2(path, out / path.name)
     names = weights.names()
+    at_eight, unmatched = eight_bit_matrices(names, eight_bit)
+    if unmatched:
+        raise ModelError(f"eight_bit pattern(s) {', '.join(unmatched)} match no layer matrix of the checkpoint")
     shard: dict[str, torch.Tensor] = {}
     written = {"bytes": 0, "files": 0}  # of the shard being filled; shards written so far
 
@@ -172,12 +184,12 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
         if name == EMBEDDING and embeddings != "float":
             quantized("model.embed_tokens", name, EMBEDDING_BITS[embeddings])
         elif is_linear(name):
-            quantized(name[: -len(".weight")], name, 4)
+            quantized(name[: -len(".weight")], name, 8 if name[: -len(".weight")] in at_eight else 4)
         else:
             put(name, weights.tensor(name))
     quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
     flush()
-    overrides = {}
+    overrides = {matrix: {"bits": 8} for matrix in sorted(at_eight)}
     if lm_head_bits != 4:
         overrides["lm_head"] = {"bits": lm_head_bits}
     if embeddings == "int8":
