@@ -61,32 +61,34 @@ def cases(draw):
     return bits, block, symmetric, w, importance
 
 
-def errors(w, bits, block, symmetric, method, importance=None, error_importance=None):
+def errors(w, bits, block, symmetric, method, importance=None, weights=None):
     packed, scales, zeros = quantizer.quantize(w, bits, block, symmetric, method, importance=importance)
     approx = quantizer.dequantize(packed, scales, zeros, bits, block, w.shape)
-    return quantizer.block_error(w, approx, block, error_importance)
+    return quantizer.block_error(w, approx, block, weights)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_search_error_is_never_above_round_to_nearest(case):
     """Every block, every distribution: the weighted squared error of mse <= that of ONNX Runtime's RTN
-    (same bits, block, weights). The slack is the float32 rounding of a block's sum of squares (at most
-    block * eps relative), which the search's own comparison is subject to."""
+    (same bits, block, and the search's weights, importance included). The slack is the float32 rounding of
+    a block's sum of squares (at most block * eps relative), which the search's own comparison is subject to."""
     bits, block, symmetric, w, importance = case
-    rtn = errors(w, bits, block, symmetric, "rtn", error_importance=importance)
-    mse = errors(w, bits, block, symmetric, "mse", importance, error_importance=importance)
+    weights = quantizer.search_weights(w, block, importance)
+    rtn = errors(w, bits, block, symmetric, "rtn", weights=weights)
+    mse = errors(w, bits, block, symmetric, "mse", importance, weights=weights)
     assert np.all(mse <= rtn * (1 + 2 * block * EPS32)), (mse - rtn).max()
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("bits, block, at_most", [(4, 32, 0.95), (4, 128, 0.92), (8, 32, 0.95)])
+@pytest.mark.parametrize("bits, block, at_most", [(4, 32, 0.95), (4, 128, 0.96), (8, 32, 0.85)])
 def test_search_lowers_the_error(bits, block, symmetric, at_most):
     """Never worse is not enough: on LLM-like weights the search must actually find better scales."""
     rng = np.random.default_rng(0)
     w = (rng.standard_t(5, (64, 1024)) * 0.02).astype(np.float32)
-    rtn = errors(w, bits, block, symmetric, "rtn").sum()
-    assert errors(w, bits, block, symmetric, "mse").sum() < at_most * rtn
+    weights = quantizer.search_weights(w, block)
+    rtn = errors(w, bits, block, symmetric, "rtn", weights=weights).sum()
+    assert errors(w, bits, block, symmetric, "mse", weights=weights).sum() < at_most * rtn
 
 
 def test_importance_weights_the_search():
@@ -94,8 +96,9 @@ def test_importance_weights_the_search():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((32, 256)).astype(np.float32)
     importance = np.where(np.arange(256) % 4 == 0, 100.0, 0.01).astype(np.float32)
-    plain = errors(w, 4, 32, True, "mse", error_importance=importance).sum()
-    weighted = errors(w, 4, 32, True, "mse", importance, error_importance=importance).sum()
+    weights = quantizer.search_weights(w, 32, importance)
+    plain = errors(w, 4, 32, True, "mse", weights=weights).sum()
+    weighted = errors(w, 4, 32, True, "mse", importance, weights=weights).sum()
     assert weighted < 0.9 * plain
 
 
