@@ -48,6 +48,13 @@ SETTINGS = [
      {"method": "stream", "block_size": 128, "embeddings": "int8", "quantizer": "mse"}),
     ("stream b32, int8 table, mse", "int4",
      {"method": "stream", "block_size": 32, "embeddings": "int8", "quantizer": "mse"}),
+    *[(f"stream b128, int8 table, mse, 8-bit {kind} (sensitivity)", "int4",
+       {"method": "stream", "block_size": 128, "embeddings": "int8", "quantizer": "mse", **bits})
+      for kind, bits in [("qkv_proj", {"eight_bit": ["model.layers.*.self_attn.qkv_proj"]}),
+                         ("o_proj", {"eight_bit": ["model.layers.*.self_attn.o_proj"]}),
+                         ("gate_up_proj", {"eight_bit": ["model.layers.*.mlp.gate_up_proj"]}),
+                         ("down_proj", {"eight_bit": ["model.layers.*.mlp.down_proj"]}),
+                         ("LM head", {"lm_head_bits": 8})]],
     ("k-quant b32", "int4", {"method": "builder", "algorithm": "k_quant", "block_size": 32}),
     ("k-quant mixed b32", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 32}),
     ("k-quant mixed b128", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 128}),
