@@ -233,3 +233,12 @@ def test_quantizer_option_is_checked_at_the_cli(runner, checkpoints, tmp_path):
                                  str(tmp_path / "o"), "--quantizer", "mse"])
     assert result.exit_code != 0 and "int4 method stream: PhiForCausalLM" in result.output
     assert "Traceback" not in result.output
+
+
+def test_phone_targets_build_with_mse(builds):
+    """android and ios default to mse (measured better at their block 32); the build record says so."""
+    record = json.loads((builds("phi-4-mini", "int4", "android") / "phiedge_build.json").read_text())
+    assert (record["int4"]["quantizer"], record["int4"]["block_size"]) == ("mse", 32)
+    from phiedge import catalog
+
+    assert catalog.find_target("ios").int4.quantizer == "mse" and catalog.find_target("cpu").int4.quantizer == "rtn"
