@@ -76,8 +76,8 @@ def main() -> int:
         print("| block | matrix | per model | rtn s | rtn CPU s | mse s | mse CPU s | mse / rtn |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         for r in rows:
-            print(f"| {r['block']} | {r['matrix']} | {r['per_model']} | {r['rtn_s']} | {r['rtn_cpu_s']} | {r['mse_s']} | "
-                  f"{r['mse_cpu_s']} | {r['mse_s'] / r['rtn_s']:.2f}x |")
+            print(f"| {r['block']} | {r['matrix']} | {r['per_model']} | {r['rtn_s']} | {r['rtn_cpu_s']} | "
+                  f"{r['mse_s']} | {r['mse_cpu_s']} | {r['mse_s'] / r['rtn_s']:.2f}x |")
     return 0
 
 

@@ -131,7 +131,8 @@ def run_ort(nodes, inputs: dict, initializers: dict, output: str, out_dtype) -> 
         nodes, "g", [helper.make_tensor_value_info(n, types[v.dtype], v.shape) for n, v in inputs.items()],
         [helper.make_tensor_value_info(output, out_dtype, None)],
         [numpy_helper.from_array(v, n) for n, v in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run([output], inputs)[0]
 

@@ -30,9 +30,8 @@ either. The search here is numpy on one slice of rows at a time, vectorized acro
 
 from __future__ import annotations
 
-import math
-from concurrent.futures import ThreadPoolExecutor
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
