@@ -5,6 +5,7 @@
     python benchmarks/fullsize.py --layers 32 --validate            # the full build, validated as usual
     python benchmarks/fullsize.py --layers 32 --target android      # another target's settings
     python benchmarks/fullsize.py --layers 2,4 --markdown
+    python benchmarks/fullsize.py --layers 32 --builder-max-layers 0 --quantizer rtn --quantizer mse  # their time
 
 Each checkpoint is `phiedge synth --like VARIANT --layers L` (real widths and vocabulary, bf16, random
 weights: every matrix has its real size, so memory and time are the real ones). Builds, each in turn:
@@ -79,15 +80,17 @@ def timed(cmd: list[str]) -> dict:
             **({"error": tail[0][-300:]} if proc.returncode and tail else {})}
 
 
-def builds(checkpoint: Path, work: Path, layers: int, builder_max: int, validate: bool, target: str) -> list[tuple]:
+def builds(checkpoint: Path, work: Path, layers: int, builder_max: int, validate: bool, target: str,
+           quantizers: list[str] | None = None) -> list[tuple]:
     from phiedge.catalog import find_target
 
     int4 = find_target(target).int4
     out = {name: work / f"{name}-{layers}" for name in ("stream", "builder", "raw")}
     phiedge = [str(BIN / "phiedge"), "build", "--target", target, "--model", str(checkpoint), "-q",
                *([] if validate else ["--no-validate"])]
-    planned = [(f"phiedge {target}" + (", validated" if validate else ""), [*phiedge, "-o", str(out["stream"])],
-                out["stream"])]
+    planned = [(f"phiedge {target}" + (f", quantizer {q}" if q else "") + (", validated" if validate else ""),
+                [*phiedge, *(["--quantizer", q] if q else []), "-o", str(out["stream"])], out["stream"])
+               for q in quantizers or [None]]
     if layers <= builder_max:
         planned.append((f"phiedge {target}, method builder",
                         [*phiedge, "--int4-method", "builder", "-o", str(out["builder"])], out["builder"]))
@@ -122,6 +125,8 @@ def main() -> int:
                         help="run the raw builder and phiedge's method builder only up to this many layers")
     parser.add_argument("--target", default="cpu", help="phiedge target to build for (the raw builder gets its settings)")
     parser.add_argument("--validate", action="store_true", help="validate phiedge's stream builds (slow at full size)")
+    parser.add_argument("--quantizer", action="append", choices=["rtn", "mse"],
+                        help="build phiedge's stream method with this quantizer (repeatable; default: the target's)")
     parser.add_argument("--workdir", type=Path, help="where checkpoints and builds go (default: a temporary folder)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
     args = parser.parse_args()
@@ -134,7 +139,7 @@ def main() -> int:
             subprocess.run([str(BIN / "phiedge"), "synth", "--like", args.like, "--layers", str(layers), "-o",
                             str(checkpoint)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for method, cmd, out in builds(checkpoint, work, layers, args.builder_max_layers, args.validate,
-                                           args.target):
+                                           args.target, args.quantizer):
                 print(f"[fullsize] {method}, {layers} layers", file=sys.stderr, flush=True)
                 row = {"like": args.like, "layers": layers, "method": method, **timed(cmd),
                        "checkpoint_bytes": folder_bytes(checkpoint),

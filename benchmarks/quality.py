@@ -5,6 +5,7 @@
     python benchmarks/quality.py --markdown           # a table instead of JSON lines
     python benchmarks/quality.py --model DIR --only stream   # only the settings whose name has "stream"
     python benchmarks/quality.py --model DIR --only cpu-rtn  # Olive's Rtn pass (recipes/cpu-rtn.yaml)
+    python benchmarks/quality.py --model DIR --only "(cpu target)" --only mse   # either text
 
 Every setting is built for the cpu target by `phiedge build` and measured by `phiedge validate`'s code
 on the same held-out token ids: KL(reference || built) mean and p99, top-1 agreement, perplexity ratio,
@@ -44,6 +45,17 @@ SETTINGS = [
     ("stream b32, int4 table", "int4", {"method": "stream", "block_size": 32, "embeddings": "int4"}),
     ("stream b32, int8 table, 8-bit LM head", "int4",
      {"method": "stream", "block_size": 32, "embeddings": "int8", "lm_head_bits": 8}),
+    ("stream b128, int8 table, mse", "int4",
+     {"method": "stream", "block_size": 128, "embeddings": "int8", "quantizer": "mse"}),
+    ("stream b32, int8 table, mse", "int4",
+     {"method": "stream", "block_size": 32, "embeddings": "int8", "quantizer": "mse"}),
+    *[(f"stream b128, int8 table, mse, 8-bit {kind} (sensitivity)", "int4",
+       {"method": "stream", "block_size": 128, "embeddings": "int8", "quantizer": "mse", **bits})
+      for kind, bits in [("qkv_proj", {"eight_bit": ["model.layers.*.self_attn.qkv_proj"]}),
+                         ("o_proj", {"eight_bit": ["model.layers.*.self_attn.o_proj"]}),
+                         ("gate_up_proj", {"eight_bit": ["model.layers.*.mlp.gate_up_proj"]}),
+                         ("down_proj", {"eight_bit": ["model.layers.*.mlp.down_proj"]}),
+                         ("LM head", {"lm_head_bits": 8})]],
     ("k-quant b32", "int4", {"method": "builder", "algorithm": "k_quant", "block_size": 32}),
     ("k-quant mixed b32", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 32}),
     ("k-quant mixed b128", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 128}),
@@ -104,7 +116,8 @@ def main() -> int:
     parser.add_argument("--model", help="trained checkpoint (default: train one with `phiedge train`'s code)")
     parser.add_argument("--steps", type=int, default=600, help="training steps when no --model is given")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
-    parser.add_argument("--only", help="run only the settings whose name contains this text (fp32 always runs)")
+    parser.add_argument("--only", action="append",
+                        help="run only the settings whose name contains this text (repeatable: any; fp32 always runs)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
@@ -114,7 +127,7 @@ def main() -> int:
             model_dir = train(Path(tmp) / "trained", steps=args.steps)["path"]
         rows = []
         for name, precision, int4, *recipe in SETTINGS:
-            if args.only and args.only not in name and precision != "fp32":
+            if args.only and not any(text in name for text in args.only) and precision != "fp32":
                 continue
             row = measure(model_dir, Path(tmp), name, precision, int4, *recipe)
             rows.append(row)

@@ -98,13 +98,13 @@ def swap_rows(folder: Path, node: str = "layers.0.attn.o_proj") -> str:
 def transpose(folder: Path, node: str = "layers.0.attn.o_proj", block: int = 128) -> str:
     """A square weight stored transposed (quantized along the wrong axis), requantized so the layout is
     well-formed: the bug of handing the kernel W instead of W.T."""
-    from phiedge.prequant import dequantize, quantize_rows
+    from phiedge.quantizer import dequantize, quantize
 
     def change(a):
         q, s = f"{matmul(node)}.qweight", f"{matmul(node)}.scales"
         n = a[q].shape[0]
-        w = dequantize(a[q].reshape(n, -1), a[s].reshape(n, -1), None, 4, block)
-        packed, scales, _ = quantize_rows(np.ascontiguousarray(w.T), 4, block, True)
+        w = dequantize(a[q].reshape(n, -1), a[s].reshape(n, -1), None, 4, block, (n, n))
+        packed, scales, _ = quantize(np.ascontiguousarray(w.T), 4, block, True)
         a[q], a[s] = packed.reshape(a[q].shape), scales.reshape(a[s].shape)
         return [q, s]
     return _edit(folder, change)

@@ -12,7 +12,7 @@ import pytest
 
 import faults
 from phiedge import build as build_module
-from phiedge import catalog, dequant_reference, prequant, train
+from phiedge import catalog, dequant_reference, prequant, quantizer, train
 from phiedge.build import RECORD, BuildOptions, Exports, build, plan
 from phiedge.cli import cli
 from phiedge.corpus import split_files
@@ -22,49 +22,6 @@ from phiedge.validate import REPORT, ValidationFailed, with_overrides
 FAULTS = {"damaged data file": faults.overwrite_data, "wrong scales": faults.scale,
           "swapped rows": faults.swap_rows, "transposed weight": faults.transpose,
           "swapped tensors": faults.swap_tensors}
-
-
-def run_node(op: str, order: list[str], inputs: dict, initializers: dict, attrs: dict,
-             output_shape: list[int]) -> np.ndarray:
-    """One com.microsoft node in ONNX Runtime's CPU provider; `order`: its inputs' names, in the op's order."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int64): TensorProto.INT64}
-    node = helper.make_node(op, [n for n in order if n in inputs or n in initializers], ["y"],
-                            domain="com.microsoft", **attrs)
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, types[v.dtype], v.shape)
-                                            for n, v in inputs.items()],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)],
-                              [numpy_helper.from_array(v, n) for n, v in initializers.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)[0]
-
-
-@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True), (8, False)])
-def test_dequantize_is_what_onnxruntime_computes(bits, symmetric):
-    """MatMulNBits (fp32 arithmetic) and GatherBlockQuantized on quantize_rows' output give exactly x @ W.T
-    and W's rows for W = dequantize(...), read in chunks of rows or at once."""
-    rng = np.random.default_rng(0)
-    n, k, block = 40, 256, 32
-    weight = rng.standard_normal((n, k)).astype(np.float32)
-    packed, scales, zeros = prequant.quantize_rows(weight, bits, block, symmetric)
-    zp = None if symmetric else zeros
-    deq = prequant.dequantize(packed, scales, zp, bits, block)
-    assert np.array_equal(prequant.dequantize(packed, scales, zp, bits, block, rows=7), deq)
-    assert np.array_equal(prequant.quantize_dequantize(weight, bits, block, symmetric), deq)
-    assert 0 < np.abs(deq - weight).max() < (0.3 if bits == 4 else 0.02)
-    x = rng.standard_normal((3, k)).astype(np.float32)
-    extra = {} if symmetric else {"z": zeros.reshape(-1)}
-    y = run_node("MatMulNBits", ["x", "b", "s", "z"], {"x": x}, {"b": packed.reshape(n, k // block, -1), "s": scales.reshape(-1), **extra},
-                 {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0}, [3, n])
-    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-5, atol=1e-4)
-    rows = np.array([0, 7, 39, 12], dtype=np.int64)
-    extra = {} if symmetric else {"z": zeros}
-    y = run_node("GatherBlockQuantized", ["d", "i", "s", "z"], {"i": rows}, {"d": packed, "s": scales, **extra},
-                 {"bits": bits, "block_size": block, "gather_axis": 0, "quantize_axis": 1}, [4, k])
-    assert np.array_equal(y, deq[rows])
 
 
 def test_relative_rms_ignores_a_shift_and_measures_the_rest():
@@ -101,21 +58,23 @@ def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
     assert whole.lm_head.weight is not whole.model.embed_tokens.weight
     assert not torch.equal(whole.lm_head.weight, whole.model.embed_tokens.weight)
     table = original.model.embed_tokens.weight.detach()
-    expected = prequant.quantize_dequantize(table, 8, 128, True)
+    expected = quantizer.dequantize(*quantizer.quantize(table, 8, 128, True), 8, 128, tuple(table.shape))
     assert np.array_equal(whole.model.embed_tokens.weight.detach().numpy(), expected)
 
 
-@pytest.mark.parametrize("int4", [{"block_size": 128, "symmetric": True, "embeddings": "int8", "lm_head_bits": 4},
-                                  {"block_size": 32, "symmetric": False, "embeddings": "int4", "lm_head_bits": 8}])
+@pytest.mark.parametrize("int4", [{"block_size": 128, "symmetric": True, "embeddings": "int8", "lm_head_bits": 4,
+                                   "quantizer": "rtn", "eight_bit": []},
+                                  {"block_size": 32, "symmetric": False, "embeddings": "int4", "lm_head_bits": 8,
+                                   "quantizer": "mse", "eight_bit": ["*.qkv_proj", "model.layers.1.*"]}])
 def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoints, tmp_path, int4):
     """Every matrix prequant.write stores, dequantized, is the reference's weight for it: same tensors, bits,
-    block and symmetry (a change to what write quantizes, and how, shows here first)."""
+    block, symmetry, quantizer and 8-bit layer matrices (a change to what write quantizes, and how, shows here first)."""
     import torch
     from safetensors import safe_open
 
     ckpt = checkpoints["phi-4-mini"]
     prequant.write(Path(ckpt), tmp_path / "q", int4["block_size"], int4["symmetric"], int4["lm_head_bits"],
-                   int4["embeddings"])
+                   int4["embeddings"], quantizer=int4["quantizer"], eight_bit=int4["eight_bit"])
     stored = {}
     for path in (tmp_path / "q").glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
@@ -131,10 +90,11 @@ def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoin
         source = sources[prefix]
         name = "lm_head.weight" if prefix == "lm_head" else source
         bits = dequant_reference.bits_of(name, settings)
-        expected = prequant.dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
-                                       None if int4["symmetric"] else stored[f"{prefix}.qzeros"], bits,
-                                       int4["block_size"])
-        got = transform(name, weights.tensor(source).to(torch.float32))
+        tensor = weights.tensor(source).to(torch.float32)
+        expected = quantizer.dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
+                                        None if int4["symmetric"] else stored[f"{prefix}.qzeros"], bits,
+                                        int4["block_size"], tuple(tensor.shape))
+        got = transform(name, tensor)
         assert np.array_equal(got.numpy(), expected), prefix
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.equal(transform(norm, weights.tensor(norm)), weights.tensor(norm))  # stored as it is

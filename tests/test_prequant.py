@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from phiedge import prequant
+from phiedge.quantizer import quantize
 from phiedge.build import BuildOptions, build, plan
 from phiedge.errors import ConfigError
 
@@ -35,23 +36,23 @@ def ort_quantizer(weight: np.ndarray, bits: int, block: int, symmetric: bool) ->
 
 
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
-def test_quantize_rows_is_onnxruntimes_quantizer_in_chunks(bits, symmetric):
+def test_rtn_is_onnxruntimes_quantizer_in_chunks(bits, symmetric):
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((40, 256)).astype(np.float32)
     expected = ort_quantizer(weight, bits, 32, symmetric)
     for rows in (7, 40, 8192):  # chunked reads give the same bytes as one read
-        packed, scales, zeros = prequant.quantize_rows(weight, bits, 32, symmetric, rows=rows)
+        packed, scales, zeros = quantize(weight, bits, 32, symmetric, rows=rows)
         assert np.array_equal(packed, expected["packed"].reshape(40, -1))
         assert np.array_equal(scales.reshape(-1), expected["scales"].reshape(-1))
         if not symmetric:
             assert np.array_equal(zeros.reshape(-1), expected["zeros"].reshape(-1))
 
 
-def test_quantize_rows_refuses_a_width_that_is_not_whole_blocks():
+def test_quantize_refuses_a_width_that_is_not_whole_blocks():
     from phiedge.errors import BuildError
 
     with pytest.raises(BuildError, match="does not split into blocks of 128"):
-        prequant.quantize_rows(np.zeros((4, 96), np.float32), 4, 128, True)
+        quantize(np.zeros((4, 96), np.float32), 4, 128, True)
 
 
 def test_write_makes_an_olive_checkpoint(checkpoints, tmp_path):

@@ -88,8 +88,8 @@ def stack_versions() -> dict[str, str]:
     return found
 
 
-# What method builder means for the stream-only settings: the builder's float table and 4-bit LM head.
-BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4}
+# What method builder means for the stream-only settings: the builder's float table, 4-bit LM head, own rounding.
+BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4, "quantizer": "rtn", "eight_bit": []}
 
 
 def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
@@ -137,11 +137,14 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
     why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
-    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits")):
+    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits", "quantizer", "eight_bit")):
         problems.append(f"int4 method stream: {why}")
     elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
         int4 = int4.model_copy(update=BUILDER_METHOD)
         notes.append(f"int4 method builder instead of the target's stream: {why}")
+    if olive_config.streamed(precision, int4) and not why and int4.eight_bit:
+        _, unmatched = prequant.eight_bit_matrices(prequant.Weights(checkpoint.path).names(), int4.eight_bit)
+        problems.extend(f"int4 eight_bit pattern {p!r} matches no layer matrix of the checkpoint" for p in unmatched)
     recipe_name = options.recipe or target.recipe
     recipe = catalog.load_recipe(recipe_name)
     if olive_config.streamed(precision, int4) and olive_config.requantizing_passes(recipe):
@@ -204,11 +207,13 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
 def stream_quantize(p: Plan, dest: Path, progress: Progress) -> None:
     """Method stream: quantize the checkpoint matrix by matrix into the folder the builder reads."""
     matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
-    progress.step(f"quantizing {matrices} matrices one at a time (ONNX Runtime's int4 kernel, block "
+    how = {"rtn": "ONNX Runtime's round-to-nearest kernel", "mse": "least-squared-error block scales"}
+    progress.step(f"quantizing {matrices} matrices one at a time ({how[p.int4.quantizer]}, block "
                   f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits)")
     with progress.bar(matrices, "quantize") as bar:
         prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
-                       p.int4.embeddings, on_matrix=lambda _: bar.update(1))
+                       p.int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=p.int4.quantizer,
+                       eight_bit=p.int4.eight_bit)
     prequant.release_memory()
 
 

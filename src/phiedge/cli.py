@@ -124,13 +124,14 @@ def targets(as_json):
 
     data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
              "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
-             "int4_method": t.int4.method, "table": t.int4.embeddings, "lm_head_bits": t.int4.lm_head_bits,
+             "int4_method": t.int4.method, "quantizer": t.int4.quantizer, "table": t.int4.embeddings,
+             "lm_head_bits": t.int4.lm_head_bits,
              "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
              "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
              "validated_here": t.checks is None or t.checks.numeric,
              "description": t.description} for t in found().values()]
-    emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "int4_method", "table",
-                                     "context_cap", "ram_gb", "threads", "layout", "validated_here"]))
+    emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "int4_method", "quantizer",
+                                     "table", "context_cap", "ram_gb", "threads", "layout", "validated_here"]))
 
 
 @cli.command()
@@ -197,6 +198,12 @@ def train(out, like, steps, seed, force):
 @click.option("--embeddings", type=click.Choice(["float", "int8", "int4"]), default=None,
               help="Precision of the input embedding table (int8/int4 need --int4-method stream).")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None, help="Bits of the LM head (8: stream).")
+@click.option("--quantizer", type=click.Choice(["rtn", "mse"]), default=None,
+              help="How --int4-method stream picks each block's scale: rtn (round to nearest, ONNX Runtime's "
+                   "kernel) or mse (least squared error, never worse than rtn; same size and speed).")
+@click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
+              help="Keep the layer matrices this pattern names at 8 bits (stream; repeatable), e.g. "
+                   "'model.layers.*.mlp.down_proj'. Replaces the target's list.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
@@ -210,8 +217,8 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, context_cap, threads, recipe,
-          calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
+          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, context_cap,
+          threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -221,7 +228,8 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
-                                  lm_head_bits=lm_head_bits and int(lm_head_bits)).items() if v is not None}
+                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
+                                  quantizer=quantizer, eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if bool(target_name) == all_targets:

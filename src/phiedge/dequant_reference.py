@@ -1,7 +1,7 @@
 """The built model against the checkpoint carrying the dequantized weights phiedge gave the builder.
 
 With int4 method stream, phiedge quantizes every matrix itself (prequant.write). Quantizing and dequantizing
-each weight again, with the settings the build names (bits per tensor, block size, symmetry, embedding table
+each weight again, with the settings the build names (bits per tensor, block size, symmetry, quantizer, embedding table
 precision), gives the weights the graph must compute with, bit for bit: only kernel arithmetic separates the
 built model from this reference (MatMulNBits at accuracy level 4 quantizes its activations to int8 per
 block). So the comparison is tight and means something on any checkpoint, random-weight ones included,
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .prequant import EMBEDDING, EMBEDDING_BITS, LM_HEAD, is_linear, quantize_dequantize
+from .prequant import EMBEDDING, EMBEDDING_BITS, LM_HEAD, eight_bit_matrices, is_linear
+from .quantizer import dequantize, quantize
 from .reference import load_reference
 from .schema import DequantizedSettings, Int4Settings
 
@@ -49,7 +50,7 @@ def bits_of(name: str, int4: Int4Settings) -> int | None:
     """The bits a checkpoint tensor is stored at in a method-stream build (None: kept as it is), as
     prequant.write chooses them."""
     if is_linear(name):
-        return 4
+        return 8 if eight_bit_matrices([name], int4.eight_bit)[0] else 4
     if name == LM_HEAD:
         return int4.lm_head_bits
     if name == EMBEDDING and int4.embeddings != "float":
@@ -65,7 +66,8 @@ def dequantizer(int4: Int4Settings):
         bits = bits_of(name, int4)
         if bits is None:
             return tensor
-        return torch.from_numpy(quantize_dequantize(tensor, bits, int4.block_size, int4.symmetric))
+        packed, scales, zero_points = quantize(tensor, bits, int4.block_size, int4.symmetric, int4.quantizer)
+        return torch.from_numpy(dequantize(packed, scales, zero_points, bits, int4.block_size, tuple(tensor.shape)))
 
     return transform
 

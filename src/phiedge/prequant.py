@@ -3,23 +3,25 @@
 Olive's ModelBuilder pass reads Olive-format quantized checkpoints (`quant_method: olive`) without loading a
 float model: their weights go into MatMulNBits (and an int8/int4 embedding table into GatherBlockQuantized)
 as they are. This module writes such a checkpoint. Every Linear weight, the LM head and, if the target asks,
-the embedding table are read from the safetensors files a slice of rows at a time, quantized by ONNX
-Runtime's own block quantization kernel (`quantize_matmul_4bits`/`_8bits`, the one the builder's default
-int4 path runs on its fp32 graph, so the weights come out identical), and written shard by shard.
+the embedding table are read from the safetensors files a slice of rows at a time, quantized by
+`quantizer.quantize` (rtn: ONNX Runtime's own block quantization kernel, the one the builder's default int4
+path runs on its fp32 graph, so the weights come out identical; mse: least-squared-error block scales in
+the same layout), and written shard by shard.
 Peak memory is one shard of quantized weights plus one slice in fp32, whatever the model's size.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from .errors import BuildError, ModelError
+from .errors import ModelError
+from .quantizer import quantize
 
-ROWS_PER_CHUNK = 4096  # rows quantized at once: Phi-4's 17920-wide down_proj is 294 MB of fp32 (twice, transposed)
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
 EMBEDDING = "model.embed_tokens.weight"
 EMBEDDING_BITS = {"int8": 8, "int4": 4}
@@ -45,78 +47,6 @@ def unsupported(config: dict, folder: Path) -> str | None:
     if not any(Path(folder).glob("*.safetensors")):
         return "its weights are not in safetensors files"
     return None
-
-
-def quantize_rows(weight, bits: int, block_size: int, symmetric: bool, rows: int = ROWS_PER_CHUNK):
-    """ONNX Runtime's block quantization of a [N, K] weight (a Linear's layout; blocks run along K).
-
-    Returns (packed [N, K*bits/8] uint8, scales [N, K/block] float32, zero points [N, ceil(blocks*bits/8)]
-    uint8): the MatMulNBits layout, which is also GatherBlockQuantized's for a [vocab, hidden] table.
-    `weight` may be any tensor or array slicable by rows (a memory-mapped safetensors slice); it is read
-    `rows` rows at a time, so only one chunk is ever in fp32.
-    """
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-
-    kernel = {4: quantize_matmul_4bits, 8: quantize_matmul_8bits}[bits]
-    n, k = weight.shape
-    if k % block_size:
-        raise BuildError(f"a {n} x {k} weight does not split into blocks of {block_size}")
-    blocks, blob = k // block_size, block_size * bits // 8
-    packed = np.empty((n, blocks * blob), dtype=np.uint8)
-    scales = np.empty((n, blocks), dtype=np.float32)
-    zero_points = np.empty((n, (blocks * bits + 7) // 8), dtype=np.uint8)
-    for start in range(0, n, rows):
-        stop = min(n, start + rows)
-        chunk = _fp32(weight[start:stop])
-        fp32 = np.ascontiguousarray(chunk.T)  # the kernel takes B of MatMul(A, B): [K, N]
-        del chunk
-        cols = stop - start
-        p = np.zeros((cols, blocks, blob), dtype=np.uint8)
-        s = np.zeros((cols, blocks), dtype=np.float32)
-        z = np.zeros((cols, zero_points.shape[1]), dtype=np.uint8)
-        kernel(p, fp32, s, z, block_size, cols, k, symmetric)
-        packed[start:stop], scales[start:stop], zero_points[start:stop] = p.reshape(cols, -1), s, z
-    return packed, scales, zero_points
-
-
-def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,
-               block_size: int, rows: int = ROWS_PER_CHUNK) -> np.ndarray:
-    """The [N, K] float32 weight a MatMulNBits (or GatherBlockQuantized, uint8 data) node computes with, from
-    quantize_rows' layout: w = (q - zero_point) * scale per block, 4-bit values packed low nibble first, zero
-    points packed the same way (None: symmetric, ONNX Runtime's default 2^(bits-1)). `rows` rows at a time,
-    so a 200k-row table needs no fp32 temporaries beside its output."""
-    n, blocks = scales.shape
-    out = np.empty((n, blocks * block_size), dtype=np.float32)
-    for start in range(0, n, rows):
-        sl = slice(start, min(n, start + rows))
-        q = _unpack(packed[sl], bits).reshape(-1, blocks, block_size).astype(np.float32)
-        zp = np.float32(1 << (bits - 1)) if zero_points is None else \
-            _unpack(zero_points[sl], bits)[:, :blocks, None].astype(np.float32)
-        out[sl] = ((q - zp) * scales[sl, :, None]).reshape(q.shape[0], -1)
-    return out
-
-
-def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    if bits == 8:
-        return packed
-    values = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.uint8)
-    values[:, 0::2], values[:, 1::2] = packed & 0x0F, packed >> 4
-    return values
-
-
-def quantize_dequantize(weight, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
-    """The weight a build computes with: phiedge's quantizer (the one `write` runs) then dequantize.
-    The dequantized reference (dequant_reference.py) is made from this, so it follows the quantizer."""
-    packed, scales, zero_points = quantize_rows(weight, bits, block_size, symmetric)
-    return dequantize(packed, scales, None if symmetric else zero_points, bits, block_size)
-
-
-def _fp32(tensor) -> np.ndarray:
-    import torch
-
-    if isinstance(tensor, torch.Tensor):
-        return tensor.to(torch.float32).numpy()
-    return np.asarray(tensor, dtype=np.float32)
 
 
 class Rows:
@@ -190,18 +120,27 @@ def is_linear(name: str) -> bool:
     return name.startswith("model.layers.") and name.endswith(LINEAR_SUFFIXES)
 
 
+def eight_bit_matrices(names, patterns) -> tuple[set[str], list[str]]:
+    """The layer matrices (names without .weight) that `patterns` keep at 8 bits, and the patterns that match
+    none (a typo would otherwise quietly leave every matrix at 4 bits)."""
+    matrices = [name[: -len(".weight")] for name in names if is_linear(name)]
+    chosen = {m for m in matrices if any(fnmatch.fnmatchcase(m, p) for p in patterns)}
+    return chosen, [p for p in patterns if not any(fnmatch.fnmatchcase(m, p) for m in matrices)]
+
+
 def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
     """Matrices `write` quantizes: the layers' Linear weights, the LM head and perhaps the embedding table."""
     return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings != "float")
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
-          embeddings: str = "float", on_matrix=None) -> dict:
+          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=()) -> dict:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
     (quantized from the embedding when the checkpoint ties them), the embedding table at 8 or 4 bits or as
-    it is (`embeddings`: int8, int4, float). Norms are copied. Returns the quantization_config written into
+    it is (`embeddings`: int8, int4, float), the layer matrices `eight_bit` patterns name at 8 bits, every
+    block's scale chosen by `quantizer` (rtn or mse). Norms are copied. Returns the quantization_config written into
     config.json, which tells Olive's ModelBuilder pass what it reads.
     """
     import torch
@@ -223,6 +162,9 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
         (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False),
                                             encoding="utf-8")
     names = weights.names()
+    at_eight, unmatched = eight_bit_matrices(names, eight_bit)
+    if unmatched:
+        raise ModelError(f"eight_bit pattern(s) {', '.join(unmatched)} match no layer matrix of the checkpoint")
     shard: dict[str, torch.Tensor] = {}
     written = {"bytes": 0, "files": 0}  # of the shard being filled; shards written so far
 
@@ -239,7 +181,7 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             flush()
 
     def quantized(prefix: str, source: str, bits: int) -> None:
-        packed, scales, zeros = quantize_rows(weights.rows(source), bits, block_size, symmetric)
+        packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, quantizer)
         put(f"{prefix}.qweight", packed)
         put(f"{prefix}.scales", scales)
         if not symmetric:
@@ -253,12 +195,12 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
         if name == EMBEDDING and embeddings != "float":
             quantized("model.embed_tokens", name, EMBEDDING_BITS[embeddings])
         elif is_linear(name):
-            quantized(name[: -len(".weight")], name, 4)
+            quantized(name[: -len(".weight")], name, 8 if name[: -len(".weight")] in at_eight else 4)
         else:
             put(name, weights.tensor(name))
     quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
     flush()
-    overrides = {}
+    overrides = {matrix: {"bits": 8} for matrix in sorted(at_eight)}
     if lm_head_bits != 4:
         overrides["lm_head"] = {"bits": lm_head_bits}
     if embeddings == "int8":

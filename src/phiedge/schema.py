@@ -88,6 +88,15 @@ class Int4Settings(Strict):
     embeddings: Literal["float", "int8", "int4"] = Field(
         "float", description="input embedding table: float, or GatherBlockQuantized at 8 or 4 bits (stream only)")
     lm_head_bits: Literal[4, 8] = Field(4, description="bits of the LM head's MatMulNBits (8: stream only)")
+    eight_bit: list[str] = Field(
+        default_factory=list, description="layer matrices kept at 8 bits, as fnmatch patterns of their checkpoint "
+                                          "names without .weight, e.g. model.layers.0.mlp.down_proj or "
+                                          "model.layers.*.self_attn.qkv_proj (stream only; the LM head has "
+                                          "lm_head_bits, the table embeddings)")
+    quantizer: Literal["rtn", "mse"] = Field(
+        "rtn", description="how method stream chooses each block's scale: rtn, ONNX Runtime's round to nearest "
+                           "with the block's absolute maximum; mse, the scale (and zero point) of least squared "
+                           "error, never worse than rtn's for any block (stream only; same bytes and kernels)")
 
     @field_validator("block_size")
     @classmethod
@@ -99,9 +108,9 @@ class Int4Settings(Strict):
     @model_validator(mode="after")
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
-            if self.embeddings != "float" or self.lm_head_bits != 4:
-                raise ValueError("embeddings int8/int4 and lm_head_bits 8 need method: stream "
-                                 "(with the builder, use algorithm rtn_last for an 8-bit LM head)")
+            if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn" or self.eight_bit:
+                raise ValueError("embeddings int8/int4, lm_head_bits 8, quantizer mse and eight_bit need method: "
+                                 "stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
             return self
         problems = []
         if self.algorithm != "default":
