@@ -179,8 +179,10 @@ def onnx_bytes_per_token(model_path: Path) -> int:
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
+    multiplied = {name for n in model.graph.node if n.op_type == "MatMulNBits" for name in n.input}
+    # the table (and its scales), not the ids, nor a table shared with the LM head, which reads all of it
     gathered = {name for n in model.graph.node if n.op_type in ("Gather", "GatherBlockQuantized")
-                for i, name in enumerate(n.input) if i != 1}  # the table (and its scales), not the ids
+                for i, name in enumerate(n.input) if i != 1} - multiplied
     total = 0
     for init in model.graph.initializer:
         if init.name in gathered or "cos_cache" in init.name or "sin_cache" in init.name:

@@ -32,12 +32,15 @@ def test_block_size_must_be_a_power_of_two_in_range(size):
     ({"method": "stream", "float_nodes": ["/lm_head/MatMul"]}, "no float_nodes"),
     ({"method": "stream", "shared_embeddings": True}, "separate embeddings"),
     ({"embeddings": "int2"}, "embeddings"),
+    ({"embeddings": "shared"}, "need method: stream"),
+    ({"method": "stream", "embeddings": "shared", "symmetric": False}, "a shared 4-bit table must be symmetric"),
 ])
 def test_int4_stream_settings_go_together(settings, message):
     with pytest.raises(ValidationError, match=message):
         Int4Settings(**settings)
     Int4Settings(method="stream", embeddings="int4", lm_head_bits=8, symmetric=False, quantizer="mse",
                  eight_bit=["model.layers.*.mlp.down_proj"])  # all stream options at once
+    Int4Settings(method="stream", embeddings="shared", lm_head_bits=8, symmetric=False)  # 8-bit zero points fit
 
 
 def test_target_values_are_checked():

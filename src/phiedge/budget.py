@@ -77,13 +77,15 @@ def weight_accounting(model_file: Path, model=None) -> dict:
         sizes[init.name] = length if length is not None else len(init.raw_data)
     dims = {init.name: list(init.dims) for init in graph.initializer}
     quantized, ideal, names_q = 0, 0, set()
-    for node in graph.node:
+    # MatMulNBits first: a table the embedding lookup shares with the LM head (its [rows, blocks, blob] weight)
+    # is counted once, as the LM head's
+    for node in sorted(graph.node, key=lambda n: n.op_type != "MatMulNBits"):
         a = {x.name: x.i for x in node.attribute}
         if node.op_type == "MatMulNBits":
             rows, cols, bits, block = a["N"], a["K"], a["bits"], a["block_size"]
-        elif node.op_type == "GatherBlockQuantized" and node.input[0] in dims:  # [rows, cols * bits / 8] uint8
-            bits, block = a.get("bits", 4), a.get("block_size", 128)
-            rows, cols = dims[node.input[0]][0], dims[node.input[0]][1] * 8 // bits
+        elif node.op_type == "GatherBlockQuantized" and node.input[0] in dims and node.input[0] not in names_q:
+            bits, block = a.get("bits", 4), a.get("block_size", 128)  # [rows, cols * bits / 8] uint8
+            rows, cols = dims[node.input[0]][0], math.prod(dims[node.input[0]][1:]) * 8 // bits
         else:
             continue
         weight_inputs = [name for i, name in enumerate(node.input) if i in (0, 2, 3) and name] \

@@ -136,6 +136,14 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
+    if olive_config.streamed(precision, int4) and int4.embeddings == prequant.SHARED \
+            and not checkpoint.config.get("tie_word_embeddings"):
+        untied = "the checkpoint's LM head is not its embedding table (tie_word_embeddings is false)"
+        if "embeddings" in options.int4:
+            problems.append(f"int4 embeddings shared: {untied}; choose int8 or int4")
+        else:  # the target's default: a table of its own at the LM head's bits
+            int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
+            notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
     why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
     if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits", "quantizer", "eight_bit")):
         problems.append(f"int4 method stream: {why}")
@@ -209,7 +217,8 @@ def stream_quantize(p: Plan, dest: Path, progress: Progress) -> None:
     matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
     how = {"rtn": "ONNX Runtime's round-to-nearest kernel", "mse": "least-squared-error block scales"}
     progress.step(f"quantizing {matrices} matrices one at a time ({how[p.int4.quantizer]}, block "
-                  f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits)")
+                  f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits"
+                  f"{', shared with the embedding' if p.int4.embeddings == prequant.SHARED else ''})")
     with progress.bar(matrices, "quantize") as bar:
         prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
                        p.int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=p.int4.quantizer,
@@ -317,6 +326,9 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             files = collect(olive_output, tmp)
             if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating
                 shutil.rmtree(p.builder_input(work))
+            if p.streamed and p.int4.embeddings == prequant.SHARED:  # before the export is kept for reuse
+                saved = graph_fixes.share_tied_table(tmp / genai_config.read(tmp)["model"]["decoder"]["filename"])
+                progress.step(f"one table for the embedding and the LM head: {saved / 1e6:.1f} MB less on disk")
             if exports is not None:
                 exports.put(key, tmp, passes, p.target.name)
         model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]

@@ -195,8 +195,9 @@ def train(out, like, steps, seed, force):
 @click.option("--int4-method", type=click.Choice(["builder", "stream"]), default=None,
               help="stream: quantize matrix by matrix from the memory-mapped checkpoint (memory flat in model "
                    "size); builder: the builder quantizes its fp32 graph.")
-@click.option("--embeddings", type=click.Choice(["float", "int8", "int4"]), default=None,
-              help="Precision of the input embedding table (int8/int4 need --int4-method stream).")
+@click.option("--embeddings", type=click.Choice(["float", "int8", "int4", "shared"]), default=None,
+              help="Input embedding table: float, int8, int4, or shared: the LM head's quantized table at "
+                   "--lm-head-bits, stored once (tied checkpoints). All but float need --int4-method stream.")
 @click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None, help="Bits of the LM head (8: stream).")
 @click.option("--quantizer", type=click.Choice(["rtn", "mse"]), default=None,
               help="How --int4-method stream picks each block's scale: rtn (round to nearest, ONNX Runtime's "

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .prequant import EMBEDDING, EMBEDDING_BITS, LM_HEAD, eight_bit_matrices, is_linear
+from .prequant import EMBEDDING, EMBEDDING_BITS, LM_HEAD, SHARED, eight_bit_matrices, is_linear
 from .quantizer import dequantize, quantize
 from .reference import load_reference
 from .schema import DequantizedSettings, Int4Settings
@@ -51,7 +51,7 @@ def bits_of(name: str, int4: Int4Settings) -> int | None:
     prequant.write chooses them."""
     if is_linear(name):
         return 8 if eight_bit_matrices([name], int4.eight_bit)[0] else 4
-    if name == LM_HEAD:
+    if name == LM_HEAD or (name == EMBEDDING and int4.embeddings == SHARED):  # shared: one table at the head's bits
         return int4.lm_head_bits
     if name == EMBEDDING and int4.embeddings != "float":
         return EMBEDDING_BITS[int4.embeddings]

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import BuildError, ModelError
 from .quantizer import quantize
 
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
 EMBEDDING = "model.embed_tokens.weight"
 EMBEDDING_BITS = {"int8": 8, "int4": 4}
+SHARED = "shared"  # embeddings setting: the table is the LM head's quantized matrix (tied checkpoints)
 LM_HEAD = "lm_head.weight"
 # The builder's quantized-checkpoint reader knows Phi-3-style names (fused qkv_proj and gate_up_proj, model.norm),
 # not Phi-2's (dense, fc1, fc2, final_layernorm): Phi-2 goes through the builder's own quantization.
@@ -130,7 +131,7 @@ def eight_bit_matrices(names, patterns) -> tuple[set[str], list[str]]:
 
 def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
     """Matrices `write` quantizes: the layers' Linear weights, the LM head and perhaps the embedding table."""
-    return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings != "float")
+    return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings in EMBEDDING_BITS)
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
@@ -139,9 +140,12 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
     (quantized from the embedding when the checkpoint ties them), the embedding table at 8 or 4 bits or as
-    it is (`embeddings`: int8, int4, float), the layer matrices `eight_bit` patterns name at 8 bits, every
-    block's scale chosen by `quantizer` (rtn or mse). Norms are copied. Returns the quantization_config written into
-    config.json, which tells Olive's ModelBuilder pass what it reads.
+    it is (`embeddings`: int8, int4, float), or, for a tied checkpoint, once for both (`shared`: the table
+    at `lm_head_bits`, which Olive's loader hands to the builder as both the table and the LM head; the
+    builder still writes it twice, and graph_fixes.share_tied_table keeps one); the layer matrices
+    `eight_bit` patterns name at 8 bits, every block's scale chosen by `quantizer` (rtn or mse). Norms are
+    copied. Returns the quantization_config written into config.json, which tells Olive's ModelBuilder pass
+    what it reads.
     """
     import torch
     from safetensors.torch import save_file
@@ -149,6 +153,10 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     config = json.loads((model_dir / "config.json").read_text())
     weights = Weights(model_dir)
     check_shapes(weights, config)
+    shared = embeddings == SHARED
+    if shared and not config.get("tie_word_embeddings"):
+        raise BuildError("embeddings shared needs a checkpoint whose LM head is its embedding table "
+                         "(tie_word_embeddings)")
     out.mkdir(parents=True)
     for path in model_dir.iterdir():  # tokenizer, chat template, generation config: as they are
         if path.is_file() and not path.name.endswith(NOT_COPIED) and path.name not in ("config.json", TOKENIZER_CONFIG):
@@ -192,23 +200,27 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     for name in names:
         if name == LM_HEAD:
             continue
-        if name == EMBEDDING and embeddings != "float":
+        if name == EMBEDDING and embeddings in EMBEDDING_BITS:
             quantized("model.embed_tokens", name, EMBEDDING_BITS[embeddings])
+        elif name == EMBEDDING and shared:
+            quantized("model.embed_tokens", name, lm_head_bits)
         elif is_linear(name):
             quantized(name[: -len(".weight")], name, 8 if name[: -len(".weight")] in at_eight else 4)
         else:
             put(name, weights.tensor(name))
-    quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
+    if not shared:
+        quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
     flush()
     overrides = {matrix: {"bits": 8} for matrix in sorted(at_eight)}
     if lm_head_bits != 4:
-        overrides["lm_head"] = {"bits": lm_head_bits}
+        overrides["model.embed_tokens" if shared else "lm_head"] = {"bits": lm_head_bits}
     if embeddings == "int8":
         overrides["model.embed_tokens"] = {"bits": 8}
-    # Olive's loader (which its ModelBuilder pass patches into the builder) reads these keys; the LM head is
-    # written apart from the table even when the checkpoint ties them, since their precisions may differ
+    # Olive's loader (which its ModelBuilder pass patches into the builder) reads these keys. Unshared, the
+    # LM head is written apart from the table even when the checkpoint ties them, since their precisions may
+    # differ; shared, the loader's tie_word_embeddings makes its LM head the table's module
     quant = {"quant_method": "olive", "bits": 4, "symmetric": symmetric, "group_size": block_size,
-             "lm_head": True, "embeds": embeddings != "float", "tie_word_embeddings": False,
+             "lm_head": True, "embeds": embeddings != "float", "tie_word_embeddings": shared,
              "modules_to_not_convert": None, "overrides": overrides or None}
     config.pop("auto_map", None)
     (out / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=2))

@@ -85,8 +85,9 @@ class Int4Settings(Strict):
                                "~0.85 GB a layer at Phi-4-mini's widths); stream: phiedge quantizes one matrix at a "
                                "time from the memory-mapped checkpoint with the same ONNX Runtime kernel and the "
                                "builder reads the quantized checkpoint (Phi-3 family)")
-    embeddings: Literal["float", "int8", "int4"] = Field(
-        "float", description="input embedding table: float, or GatherBlockQuantized at 8 or 4 bits (stream only)")
+    embeddings: Literal["float", "int8", "int4", "shared"] = Field(
+        "float", description="input embedding table: float, GatherBlockQuantized at 8 or 4 bits, or shared: the "
+                             "LM head's quantized matrix at lm_head_bits, stored once (tied checkpoints; stream only)")
     lm_head_bits: Literal[4, 8] = Field(4, description="bits of the LM head's MatMulNBits (8: stream only)")
     eight_bit: list[str] = Field(
         default_factory=list, description="layer matrices kept at 8 bits, as fnmatch patterns of their checkpoint "
@@ -109,7 +110,7 @@ class Int4Settings(Strict):
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
             if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn" or self.eight_bit:
-                raise ValueError("embeddings int8/int4, lm_head_bits 8, quantizer mse and eight_bit need method: "
+                raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse and eight_bit need method: "
                                  "stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
             return self
         problems = []
@@ -118,9 +119,12 @@ class Int4Settings(Strict):
         if self.float_nodes:
             problems.append("no float_nodes")
         if self.shared_embeddings:
-            problems.append("separate embeddings (set embeddings: int4 or int8 instead)")
+            problems.append("separate embeddings (set embeddings: int4, int8 or shared instead)")
         if problems:
             raise ValueError("method stream needs " + ", ".join(problems) + " (or choose method builder)")
+        if self.embeddings == "shared" and self.lm_head_bits == 4 and not self.symmetric:
+            raise ValueError("a shared 4-bit table must be symmetric: GatherBlockQuantized cannot read "
+                             "MatMulNBits' packed 4-bit zero points (8 bits can)")
         return self
 
 
