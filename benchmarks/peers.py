@@ -10,7 +10,8 @@ Random weights: speed does not depend on their values.
 
 Runtimes, each on the same checkpoint:
 - phiedge: `phiedge build --target cpu` (the target's defaults), timed by phiedge's bench loops; also at
-  block 32, with an 8-bit LM head, and without prune_lm_head (logits for every prompt position);
+  block 32, with an 8-bit LM head, with one 8-bit table for the embedding and the LM head (`--embeddings
+  shared --lm-head-bits 8`), and without prune_lm_head (logits for every prompt position);
 - llama.cpp: converted by the llama-cpp-python sdist's `convert_hf_to_gguf.py`, quantized by llama.cpp to
   Q4_0 and Q4_K_M, run through llama-cpp-python (n_batch 512, the same threads for batch and decode);
 - Optimum: `optimum-cli export onnx` (fp32, KV cache), then ONNX Runtime's MatMulNBitsQuantizer (block 32,
@@ -349,7 +350,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     parser.add_argument("-r", "--repetitions", type=int, default=5,
                         help="interleaved repetitions: each loads every runtime in turn and times each test once")
-    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "lm8"],
+    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "lm8", "shared"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
@@ -380,6 +381,11 @@ def main() -> int:
             log("phiedge with an 8-bit LM head")
             lm8 = phiedge_build(model_dir, work / "phiedge-lm8", args.threads, "--lm-head-bits", "8")
             peers.append(phiedge_peer(lm8, "cpu target, 8-bit LM head"))
+        if "shared" not in args.skip:
+            log("phiedge with one 8-bit table for the embedding and the LM head")
+            shared = phiedge_build(model_dir, work / "phiedge-shared", args.threads, "--embeddings", "shared",
+                                   "--lm-head-bits", "8")
+            peers.append(phiedge_peer(shared, "cpu target, one shared 8-bit table"))
         if "unpruned" not in args.skip:
             log("phiedge without prune_lm_head")
             unpruned = phiedge_unpruned(model_dir, work / "unpruned", args.threads)
