@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from . import (__version__, budget, catalog, checks, genai_config, graph_check, graph_fixes, olive_config,
-               olive_runner, prequant, telemetry)
+from . import (__version__, budget, calibrate, catalog, checks, genai_config, graph_check, graph_fixes,
+               olive_config, olive_runner, prequant, telemetry)
 from .checkpoint import Checkpoint, inspect, parameter_shapes
 from .corpus import write_calibration
 from .catalog import pydantic_problems
@@ -89,7 +89,8 @@ def stack_versions() -> dict[str, str]:
 
 
 # What method builder means for the stream-only settings: the builder's float table, 4-bit LM head, own rounding.
-BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4, "quantizer": "rtn", "eight_bit": []}
+BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4, "quantizer": "rtn", "eight_bit": [],
+                  "calibrate": False}
 
 
 def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
@@ -145,7 +146,8 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
             int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
             notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
     why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
-    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits", "quantizer", "eight_bit")):
+    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits", "quantizer", "eight_bit",
+                                                   "calibrate")):
         problems.append(f"int4 method stream: {why}")
     elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
         int4 = int4.model_copy(update=BUILDER_METHOD)
@@ -212,17 +214,32 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
     return output, passes
 
 
-def stream_quantize(p: Plan, dest: Path, progress: Progress) -> None:
+def calibration(p: Plan, calibration_text: str | None, out: Path, progress: Progress) -> dict | None:
+    """With int4 calibrate: each matrix's input importance from the checkpoint, also written into the output
+    folder (for validation to re-create the same weights; the record describes it)."""
+    if not (p.streamed and p.int4.calibrate):
+        return None
+    progress.step(f"calibrating: input mean squares of every matrix over {calibrate.TOKENS} tokens of "
+                  f"{calibration_text or 'the stdlib training split'}, one decoder layer at a time")
+    importance, run = calibrate.collect(p.checkpoint.path, calibration_text, progress=progress)
+    calibrate.save(out / calibrate.IMPORTANCE, importance, run)
+    progress.step(f"calibration: {run['tokens']} tokens in {run['seconds']} s")
+    prequant.release_memory()
+    return importance
+
+
+def stream_quantize(p: Plan, dest: Path, progress: Progress, importance: dict | None = None) -> None:
     """Method stream: quantize the checkpoint matrix by matrix into the folder the builder reads."""
     matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
-    how = {"rtn": "ONNX Runtime's round-to-nearest kernel", "mse": "least-squared-error block scales"}
+    how = {"rtn": "ONNX Runtime's round-to-nearest kernel",
+           "mse": "least-squared-error block scales" + (", weighted by the calibration" if importance else "")}
     progress.step(f"quantizing {matrices} matrices one at a time ({how[p.int4.quantizer]}, block "
                   f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits"
                   f"{', shared with the embedding' if p.int4.embeddings == prequant.SHARED else ''})")
     with progress.bar(matrices, "quantize") as bar:
         prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
                        p.int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=p.int4.quantizer,
-                       eight_bit=p.int4.eight_bit)
+                       eight_bit=p.int4.eight_bit, importance=importance)
     prequant.release_memory()
 
 
@@ -320,8 +337,10 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             files, passes, shared_with = shared
             progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
         else:
+            importance = calibration(p, options.calibration, tmp, progress)
             if p.streamed:
-                stream_quantize(p, p.builder_input(work), progress)
+                stream_quantize(p, p.builder_input(work), progress, importance)
+            del importance
             olive_output, passes = run_olive(config, work, p.checkpoint.config["num_hidden_layers"], progress)
             files = collect(olive_output, tmp)
             if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating
@@ -365,6 +384,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
             "bundle": p.target.bundle.model_dump(),
             "precision": p.precision,
             "int4": p.int4.model_dump() if p.precision == "int4" else None,
+            "calibration": calibrate.describe(tmp / calibrate.IMPORTANCE),
             "runtime": runtime,
             "source": {"path": str(p.checkpoint.path), "name": Path(p.checkpoint.path).name,
                        "architecture": p.checkpoint.architecture,

@@ -205,11 +205,14 @@ def train(out, like, steps, seed, force):
 @click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
               help="Keep the layer matrices this pattern names at 8 bits (stream; repeatable), e.g. "
                    "'model.layers.*.mlp.down_proj'. Replaces the target's list.")
+@click.option("--calibrate/--no-calibrate", default=None,
+              help="Weight the mse search by each matrix's input mean squares over calibration text (--calibration "
+                   "FILE, default stdlib source), collected one layer at a time; implies --quantizer mse.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
 @click.option("--calibration", type=click.Path(), default=None,
-              help="Calibration text for calibrated recipes (default: Python stdlib source).")
+              help="Calibration text for --calibrate and calibrated recipes (default: Python stdlib source).")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with the checkpoint in transformers.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
@@ -218,8 +221,8 @@ def train(out, like, steps, seed, force):
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 @errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, context_cap,
-          threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
+          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, calibrate,
+          context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
@@ -230,7 +233,8 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
                                   lm_head_bits=lm_head_bits and int(lm_head_bits),
-                                  quantizer=quantizer, eight_bit=list(eight_bit) or None).items() if v is not None}
+                                  quantizer=quantizer or ("mse" if calibrate else None), calibrate=calibrate,
+                                  eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
     if bool(target_name) == all_targets:

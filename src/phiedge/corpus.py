@@ -28,6 +28,28 @@ def split_files(every: int = 10) -> tuple[list[Path], list[Path]]:
     return [f for i, f in enumerate(files) if i % every], [f for i, f in enumerate(files) if not i % every]
 
 
+def token_stream(tokenizer, files: list[Path]) -> list[int]:
+    """The files' token ids one after the other, each file ending with the end-of-text token."""
+    ids: list[int] = []
+    for f in files:
+        ids += tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def calibration_ids(tokenizer, n_tokens: int, text_file: Path | None = None) -> list[int]:
+    """The first n_tokens of calibration text in the model's tokenizer: a user's file, or the training split
+    (never the held-out one, which validation scores)."""
+    if text_file is not None:
+        return token_stream(tokenizer, [Path(text_file)])[:n_tokens]
+    ids: list[int] = []
+    for f in split_files()[0]:
+        ids += token_stream(tokenizer, [f])
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]
+
+
 def write_calibration(path: Path, text_file: Path | None = None, samples: int = 64, chars: int = 6000) -> int:
     """Calibration text as JSON lines ({"text": ...}), from a user's file or the training split.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import calibrate
 from .prequant import EMBEDDING, EMBEDDING_BITS, LM_HEAD, SHARED, eight_bit_matrices, is_linear
 from .quantizer import dequantize, quantize
 from .reference import load_reference
@@ -58,7 +59,16 @@ def bits_of(name: str, int4: Int4Settings) -> int | None:
     return None
 
 
-def dequantizer(int4: Int4Settings):
+def importance_of(name: str, int4: Int4Settings, importance: dict | None):
+    """The importance prequant.write weighted a checkpoint tensor's search by (None: unweighted)."""
+    if not importance:
+        return None
+    if name == LM_HEAD or (name == EMBEDDING and int4.embeddings == SHARED):
+        return importance["lm_head"]
+    return importance.get(name[: -len(".weight")]) if is_linear(name) else None
+
+
+def dequantizer(int4: Int4Settings, importance: dict | None = None):
     """load_reference's transform: each weight as the build stores it, back in fp32."""
     import torch
 
@@ -66,16 +76,18 @@ def dequantizer(int4: Int4Settings):
         bits = bits_of(name, int4)
         if bits is None:
             return tensor
-        packed, scales, zero_points = quantize(tensor, bits, int4.block_size, int4.symmetric, int4.quantizer)
+        packed, scales, zero_points = quantize(tensor, bits, int4.block_size, int4.symmetric, int4.quantizer,
+                                               importance_of(name, int4, importance))
         return torch.from_numpy(dequantize(packed, scales, zero_points, bits, int4.block_size, tuple(tensor.shape)))
 
     return transform
 
 
-def load(reference_dir: str | Path, int4: Int4Settings, layerwise: bool | None = None):
+def load(reference_dir: str | Path, int4: Int4Settings, layerwise: bool | None = None,
+         importance: dict | None = None):
     """The checkpoint with the build's dequantized weights, through the reference loader (layer by layer for
     big models: each Linear is quantized and dequantized as its layer is loaded)."""
-    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(int4))
+    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(int4, importance))
 
 
 def metrics(reference, built: Logits, ids: list[int], window: int) -> dict:
@@ -114,15 +126,16 @@ def check(values: dict, settings: DequantizedSettings) -> list[str]:
     return failures
 
 
-def compare(built: Logits, reference_dir: str | Path, precision: str, int4: Int4Settings | dict | None,
-            settings: DequantizedSettings, ids: list[int], window: int) -> dict:
+def compare(built: Logits, built_dir: str | Path, reference_dir: str | Path, precision: str,
+            int4: Int4Settings | dict | None, settings: DequantizedSettings, ids: list[int], window: int) -> dict:
     """The dequantized check's report: its metrics, thresholds and failures, always enforced; or why it
-    does not apply to this build."""
+    does not apply to this build. A calibrated build's importance is read from its folder."""
     why = not_applicable(precision, int4)
     if why is not None:
         return {"applies": False, "why": why, "failures": [], "passed": None}
     int4 = int4 if isinstance(int4, Int4Settings) else Int4Settings(**int4)
-    values = metrics(load(reference_dir, int4), built, ids[:settings.eval_tokens], window)
+    importance = calibrate.load(Path(built_dir) / calibrate.IMPORTANCE, reference_dir) if int4.calibrate else None
+    values = metrics(load(reference_dir, int4, importance=importance), built, ids[:settings.eval_tokens], window)
     failures = check(values, settings)
     return {"applies": True, "metrics": values, "thresholds": settings.maxima(), "failures": failures,
             "passed": not failures}

@@ -135,7 +135,8 @@ def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
-          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=()) -> dict:
+          embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=(),
+          importance: dict | None = None) -> dict:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
@@ -143,8 +144,9 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     it is (`embeddings`: int8, int4, float), or, for a tied checkpoint, once for both (`shared`: the table
     at `lm_head_bits`, which Olive's loader hands to the builder as both the table and the LM head; the
     builder still writes it twice, and graph_fixes.share_tied_table keeps one); the layer matrices
-    `eight_bit` patterns name at 8 bits, every block's scale chosen by `quantizer` (rtn or mse). Norms are
-    copied. Returns the quantization_config written into config.json, which tells Olive's ModelBuilder pass
+    `eight_bit` patterns name at 8 bits, every block's scale chosen by `quantizer` (rtn or mse), the mse
+    search weighted by `importance` (calibrate.collect's: matrix name -> input columns' mean squares; the
+    LM head's, "lm_head", also weights a shared table; a table of its own has none). Norms are copied. Returns the quantization_config written into config.json, which tells Olive's ModelBuilder pass
     what it reads.
     """
     import torch
@@ -189,7 +191,8 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             flush()
 
     def quantized(prefix: str, source: str, bits: int) -> None:
-        packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, quantizer)
+        weighting = (importance or {}).get("lm_head" if prefix == "model.embed_tokens" and shared else prefix)
+        packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, quantizer, weighting)
         put(f"{prefix}.qweight", packed)
         put(f"{prefix}.scales", scales)
         if not symmetric:

@@ -98,6 +98,10 @@ class Int4Settings(Strict):
         "rtn", description="how method stream chooses each block's scale: rtn, ONNX Runtime's round to nearest "
                            "with the block's absolute maximum; mse, the scale (and zero point) of least squared "
                            "error, never worse than rtn's for any block (stream only; same bytes and kernels)")
+    calibrate: bool = Field(
+        False, description="weight the mse search by each input column's mean square over calibration text, "
+                           "collected from the checkpoint one decoder layer at a time (llama.cpp's importance "
+                           "matrix; stream with quantizer mse)")
 
     @field_validator("block_size")
     @classmethod
@@ -109,9 +113,10 @@ class Int4Settings(Strict):
     @model_validator(mode="after")
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
-            if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn" or self.eight_bit:
-                raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse and eight_bit need method: "
-                                 "stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
+            if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn" or self.eight_bit \
+                    or self.calibrate:
+                raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse, eight_bit and calibrate "
+                                 "need method: stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
             return self
         problems = []
         if self.algorithm != "default":
@@ -122,6 +127,8 @@ class Int4Settings(Strict):
             problems.append("separate embeddings (set embeddings: int4, int8 or shared instead)")
         if problems:
             raise ValueError("method stream needs " + ", ".join(problems) + " (or choose method builder)")
+        if self.calibrate and self.quantizer != "mse":
+            raise ValueError("calibrate weights the mse search: it needs quantizer mse (rtn has nothing to weight)")
         if self.embeddings == "shared" and self.lm_head_bits == 4 and not self.symmetric:
             raise ValueError("a shared 4-bit table must be symmetric: GatherBlockQuantized cannot read "
                              "MatMulNBits' packed 4-bit zero points (8 bits can)")

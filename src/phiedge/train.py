@@ -14,20 +14,12 @@ import time
 from pathlib import Path
 
 from .checkpoint import SYNTH_FILE, weight_digests
-from .corpus import split_files
+from .corpus import split_files, token_stream
 from .synth import Shrink, synth
 from .workspace import staged_dir
 
 # Phi-4-mini's head dimension, GQA ratio (3:1), partial rotary, LongRoPE and tied embeddings.
 TRAIN_SHRINK = Shrink(layers=2, heads=3, kv_heads=1, intermediate=768, vocab=4096)
-
-
-def token_stream(tokenizer, files: list[Path]) -> list[int]:
-    ids: list[int] = []
-    for f in files:
-        ids += tokenizer(f.read_text(encoding="utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:

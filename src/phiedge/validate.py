@@ -201,7 +201,7 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
                **distribution_metrics(model, reference, ids, window, every)}
     del reference  # the dequantized reference takes its place in memory
-    dequantized = dequant_reference.compare(lambda x: built_logits(model, x, every), reference_dir, precision,
+    dequantized = dequant_reference.compare(lambda x: built_logits(model, x, every), built_dir, reference_dir, precision,
                                             int4, settings.dequantized, ids, window)
     limits = settings.thresholds.get(precision)
     failures = check(metrics, limits) if limits is not None else []

@@ -1,0 +1,123 @@
+"""Importance for the mse search (`--calibrate`): each Linear input column's mean square over calibration text.
+
+A weight's error reaches a layer's output multiplied by its input: with inputs x, the output error of a row
+is sum_j dw_j x_j, whose expected square is (to first order, inputs uncorrelated) sum_j dw_j^2 E[x_j^2]. So
+columns whose inputs are large deserve a closer fit. llama.cpp's `llama-imatrix` collects exactly these mean
+squares (its importance matrix) and its quantizers weight their scale search by them; AWQ starts from the
+same observation. phiedge collects them from the checkpoint itself, in fp32, with transformers' own modules:
+the checkpoint runs over the calibration text one decoder layer at a time (reference.load_reference's
+layerwise mode: only the embedding table and one layer are in memory), a forward pre-hook on every Linear
+adds up x^2 per input column, and the final norm's output gives the LM head's. The mse search
+(quantizer.search_weights) multiplies its per-weight weights by them.
+
+The result is a few MB (one float per input column of every matrix) written into the build folder as
+IMPORTANCE, so that validation re-creates exactly the weights the build wrote (dequant_reference).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .corpus import calibration_ids
+from .errors import BuildError, ModelError
+from .prequant import LM_HEAD, Weights, is_linear
+from .reference import load_reference
+
+IMPORTANCE = "phiedge_importance.safetensors"
+LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
+# 16 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares
+# settle far earlier (benchmarks/RESULTS.md, "Calibration"), and every token costs a forward pass of the whole
+# checkpoint in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini).
+TOKENS = 8192
+WINDOW = 512
+
+
+def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS, window: int = WINDOW,
+            progress=None) -> tuple[dict[str, np.ndarray], dict]:
+    """(importance: matrix name without .weight -> mean square of each input column, float32; what was run:
+    source, tokens, windows, seconds)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    started = time.perf_counter()
+    model_dir = Path(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    ids = calibration_ids(tokenizer, tokens, Path(text_file) if text_file is not None else None)
+    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    window = min(window, int(config.max_position_embeddings))
+    if len(ids) < 2:
+        raise BuildError(f"the calibration text {text_file} gives {len(ids)} token(s): too little to calibrate on")
+    width = min(window, len(ids))
+    batch = torch.tensor([ids[i:i + width] for i in range(0, len(ids) - width + 1, width)])
+    model = load_reference(model_dir, layerwise=True)
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, x) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+
+    for name, module in model.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(lambda _m, args, key=f"model.layers.{name}": add(key, args[0]))
+    layers = config.num_hidden_layers
+    bar = progress.bar(layers, "calibrate") if progress is not None else None
+    if bar is not None:
+        for layer in model.model.layers:
+            layer.register_forward_hook(lambda *_: (bar.update(1), None)[1])  # a hook's return replaces the output
+    try:
+        with torch.no_grad():
+            hidden = model.model(input_ids=batch).last_hidden_state  # the LM head's input; its logits are not needed
+        add(LM_HEAD_KEY, hidden)
+    finally:
+        if bar is not None:
+            bar.close()
+    count = batch.numel()
+    importance = {name: (total / count).to(torch.float32).numpy() for name, total in sorted(sums.items())}
+    run = {"source": Path(text_file).name if text_file is not None else "stdlib training split",
+           "tokens": int(count), "windows": int(batch.shape[0]), "window": int(width),
+           "seconds": round(time.perf_counter() - started, 1)}
+    return importance, run
+
+
+def save(path: Path, importance: dict[str, np.ndarray], run: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(importance, str(path), metadata={k: str(v) for k, v in run.items() if k != "seconds"})
+
+
+def describe(path: Path) -> dict | None:
+    """What a build folder's importance was collected from (the build record's "calibration"), or None."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+    return {"file": path.name, "source": meta.get("source"),
+            **{k: int(meta[k]) for k in ("tokens", "windows", "window") if k in meta}}
+
+
+def load(path: Path, model_dir: str | Path) -> dict[str, np.ndarray]:
+    """A build's importance, checked against the checkpoint it must weight: one finite non-negative value per
+    input column of every layer matrix and of the LM head."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not path.is_file():
+        raise ModelError(f"{path.parent} was built with calibrate, but its {path.name} is missing")
+    try:
+        importance = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not a readable safetensors file: {exc}") from None
+    weights = Weights(Path(model_dir))
+    expected = {name[: -len(".weight")]: weights.rows(name).shape[1] for name in weights.names() if is_linear(name)}
+    head = LM_HEAD if LM_HEAD in weights.names() else "model.embed_tokens.weight"
+    expected[LM_HEAD_KEY] = weights.rows(head).shape[1]
+    for name, columns in expected.items():
+        values = importance.get(name)
+        if values is None or values.shape != (columns,) or not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ModelError(f"{path} has no valid importance for {name} ({columns} finite non-negative numbers)")
+    return {name: importance[name] for name in expected}
