@@ -4,6 +4,13 @@
     python benchmarks/llamacpp.py                     # trains the stdlib model first (~10-15 min on 2 cores)
     python benchmarks/llamacpp.py --model DIR         # or reuse a checkpoint trained with the same shape
     python benchmarks/llamacpp.py --model DIR --markdown
+    python benchmarks/llamacpp.py --model DIR --llama-cpp-bin build-llama/bin   # also the imatrix rows
+
+The imatrix rows need llama.cpp's own tools, which the llama-cpp-python wheel does not ship; from the sdist's
+vendor/llama.cpp (a few minutes on 2 cores):
+
+    cmake -S vendor/llama.cpp -B build-llama -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF
+    cmake --build build-llama --target llama-imatrix llama-quantize -j 2
 
 The model is Phi-4-mini-shaped (Phi3ForCausalLM, head 128, partial rotary 0.75, LongRoPE, tied
 embeddings) with 2 layers, hidden 768 (6 query, 2 KV heads), MLP 1536 and vocabulary 4096: every width a
@@ -11,12 +18,16 @@ multiple of 256, so llama.cpp's K-quants apply as on the real model.
 
 llama.cpp side: the checkpoint is converted to an f32 GGUF by the `convert_hf_to_gguf.py` of the
 llama-cpp-python sdist that matches the installed version (downloaded with pip unless --llama-cpp-src
-names an unpacked `vendor/llama.cpp`), then quantized by llama.cpp itself to Q4_0 and Q4_K_M. The only
+names an unpacked `vendor/llama.cpp`), then quantized by llama.cpp itself to Q4_0, Q4_K_S and Q4_K_M, and
+with --llama-cpp-bin each of them again with an importance matrix: `llama-imatrix` over the calibration text
+phiedge's `--calibrate` reads (the first 8192 tokens of the stdlib training split: 16 chunks of 512), then
+`llama-quantize --imatrix`. The only
 change to the converter: a locally trained tokenizer's pre-tokenizer hash is unknown to it, so an
 unrecognized hash is read as "gpt-2" (phiedge's tokenizer is byte-level BPE with GPT-2's split regex).
 Logits come from llama-cpp-python with an f32 KV cache, so only the weights differ from the reference.
 
-phiedge side: `benchmarks/quality.py`'s `measure` (phiedge build for the cpu target, phiedge validate).
+phiedge side: `benchmarks/quality.py`'s `measure` (phiedge build for the cpu target with the settings named,
+phiedge validate); `--calibrate` rows use the same calibration text as the imatrix.
 
 Every runtime gets the same 2048 held-out token ids in windows of 512 (inputs ids[s:s+512], targets
 ids[s+1:s+513], each window from an empty cache) and is compared with transformers fp32: KL(reference ||
@@ -50,14 +61,27 @@ SHRINK = Shrink(layers=2, heads=6, kv_heads=2, intermediate=1536, vocab=4096)
 EVAL_TOKENS, WINDOW = 2048, 512
 ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
     ("fp32", "fp32", {}),
-    ("phiedge default (cpu target: rtn b128, int8 table)", "int4", {}),
-    ("stream b128, int8 table, 8-bit LM head", "int4", {"lm_head_bits": 8}),
-    ("stream b32, int8 table, 8-bit LM head", "int4", {"block_size": 32, "lm_head_bits": 8}),
-    ("rtn b32", "int4", {"method": "builder", "algorithm": "default", "block_size": 32}),
-    ("rtn b32 8-bit LM head", "int4", {"method": "builder", "algorithm": "rtn_last", "block_size": 32}),
-    ("k-quant mixed b32", "int4", {"method": "builder", "algorithm": "k_quant_mixed", "block_size": 32}),
+    ("phiedge default (cpu target)", "int4", {}),
+    ("b128 rtn, int8 table", "int4", {"block_size": 128, "quantizer": "rtn", "embeddings": "int8", "lm_head_bits": 4}),
+    ("b128 mse, int8 table", "int4", {"block_size": 128, "quantizer": "mse", "embeddings": "int8", "lm_head_bits": 4}),
+    ("b128 mse --calibrate, int8 table", "int4",
+     {"block_size": 128, "quantizer": "mse", "calibrate": True, "embeddings": "int8", "lm_head_bits": 4}),
+    ("b128 rtn, one shared 8-bit table", "int4", {"block_size": 128, "embeddings": "shared", "lm_head_bits": 8}),
+    ("b128 mse, one shared 8-bit table", "int4",
+     {"block_size": 128, "quantizer": "mse", "embeddings": "shared", "lm_head_bits": 8}),
+    ("b128 mse --calibrate, one shared 8-bit table", "int4",
+     {"block_size": 128, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
+    ("b64 mse --calibrate, one shared 8-bit table", "int4",
+     {"block_size": 64, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
+    ("b32 mse, int8 table (android, ios)", "int4",
+     {"block_size": 32, "quantizer": "mse", "embeddings": "int8", "lm_head_bits": 4}),
+    ("b32 mse --calibrate, int8 table", "int4",
+     {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "int8", "lm_head_bits": 4}),
+    ("b32 mse --calibrate, one shared 8-bit table", "int4",
+     {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
 ]
-GGUF_SETTINGS = ["f32", "Q4_0", "Q4_K_M"]  # f32 is the converter's output, the others llama.cpp's quantizer's
+GGUF_SETTINGS = ["f32", "Q4_0", "Q4_K_S", "Q4_K_M"]  # f32 is the converter's output, the others llama.cpp's quantizer's
+IMATRIX_CHUNKS = 16  # of WINDOW tokens: phiedge's calibrate.TOKENS
 
 
 def require() -> None:
@@ -116,6 +140,27 @@ def quantize(src: Path, out: Path, setting: str) -> None:
     params.nthread = 2
     if llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params)) != 0:
         raise RuntimeError(f"llama_model_quantize {setting} failed")
+
+
+def calibration_text(out: Path) -> Path:
+    """The training split's files as one text, in the order phiedge's calibration reads them: llama-imatrix
+    tokenizes it with the GGUF's copy of the same tokenizer and takes its first IMATRIX_CHUNKS windows."""
+    from phiedge.corpus import split_files
+
+    out.write_text("\n".join(f.read_text(encoding="utf-8", errors="replace") for f in split_files()[0][:40]),
+                   encoding="utf-8")
+    return out
+
+
+def imatrix(binaries: Path, f32: Path, text: Path, out: Path) -> None:
+    subprocess.run([str(binaries / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(out), "-c", str(WINDOW),
+                    "--chunks", str(IMATRIX_CHUNKS), "-t", "2", "--no-ppl"], check=True, stdout=sys.stderr,
+                   stderr=subprocess.STDOUT)
+
+
+def quantize_with(binaries: Path, src: Path, out: Path, setting: str, matrix: Path) -> None:
+    subprocess.run([str(binaries / "llama-quantize"), "--imatrix", str(matrix), str(src), str(out), setting, "2"],
+                   check=True, stdout=sys.stderr, stderr=subprocess.STDOUT)
 
 
 def tensor_types(path: Path) -> dict[str, int]:
@@ -188,7 +233,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=600, help="training steps when no --model is given")
     parser.add_argument("--llama-cpp-src", type=Path,
                         help="an unpacked sdist's vendor/llama.cpp (default: pip download the installed version's)")
+    parser.add_argument("--llama-cpp-bin", type=Path,
+                        help="folder with llama.cpp's llama-imatrix and llama-quantize: adds the imatrix rows")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
+    parser.add_argument("--only", action="append",
+                        help="phiedge settings whose name contains this text (repeatable: any; fp32 always runs)")
     args = parser.parse_args()
     require()
     rows = []
@@ -214,11 +263,19 @@ def main() -> int:
             convert_f32(model_dir, src, paths["f32"])
             for setting in GGUF_SETTINGS[1:]:
                 quantize(paths["f32"], paths[setting], setting)
+            if args.llama_cpp_bin is not None:
+                matrix = tmp / "imatrix.gguf"
+                imatrix(args.llama_cpp_bin, paths["f32"], calibration_text(tmp / "calibration.txt"), matrix)
+                for setting in GGUF_SETTINGS[1:]:
+                    paths[f"{setting} imatrix"] = tmp / f"model-{setting}-imatrix.gguf"
+                    quantize_with(args.llama_cpp_bin, paths["f32"], paths[f"{setting} imatrix"], setting, matrix)
         refs = reference_logits(model_dir, ids)
         for setting, path in paths.items():
             emit({"runtime": "llama.cpp", "setting": setting, "size_bytes": path.stat().st_size,
                   **metrics(refs, gguf_logits(path, ids), ids), "tensor_types": tensor_types(path)})
         for name, precision, int4 in ONNX_SETTINGS:
+            if args.only and precision != "fp32" and not any(text in name for text in args.only):
+                continue
             m = measure(model_dir, tmp, name, precision, int4)
             row = {"runtime": "onnx (phiedge)", "setting": name}
             if "error" in m:
