@@ -29,8 +29,8 @@ from .reference import load_reference
 IMPORTANCE = "phiedge_importance.safetensors"
 LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
 # 16 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares
-# settle far earlier (benchmarks/RESULTS.md, "Calibration"), and every token costs a forward pass of the whole
-# checkpoint in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini).
+# stop moving from about 4096 tokens on (benchmarks/RESULTS.md, "Calibration"), and every token costs a forward
+# pass of the whole checkpoint in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini).
 TOKENS = 8192
 WINDOW = 512
 
@@ -56,8 +56,9 @@ def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: 
     sums: dict[str, torch.Tensor] = {}
 
     def add(name: str, x) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        sums[name] = sums[name] + (x * x).sum(0) if name in sums else (x * x).sum(0)
+        x = x.detach().reshape(-1, x.shape[-1])
+        total = x.square().sum(0, dtype=torch.float64)  # squares in fp32 (one temporary), their sum in fp64
+        sums[name] = sums[name] + total if name in sums else total
 
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
