@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from phiedge.artifacts import RECORD, BuildRecord, read
+
 BIN = Path(sys.executable).parent
 
 
@@ -144,9 +146,8 @@ def main() -> int:
                 row = {"like": args.like, "layers": layers, "method": method, **timed(cmd),
                        "checkpoint_bytes": folder_bytes(checkpoint),
                        "output_bytes": folder_bytes(out) if out.exists() else None}
-                record = out / "phiedge_build.json"
-                if record.is_file():
-                    weights = json.loads(record.read_text())["weights"]
+                if (out / RECORD).is_file():
+                    weights = read(BuildRecord, out / RECORD).weights
                     row.update(ideal_bytes=weights["ideal_bytes"], over_ideal=weights["over_ideal"])
                 rows.append(row)
                 if not args.markdown:

@@ -74,3 +74,8 @@ def test_cli_formats_hold_the_same_numbers(runner, builds, tmp_path):
     assert "was" in result.stderr and "x)" in result.stderr
     bad = runner.invoke(cli, ["bench", str(tmp_path)])
     assert bad.exit_code == 1 and "neither a phiedge bundle" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_provider_is_the_one_genai_config_names():
+    assert bench_module.provider({"session_options": {"provider_options": [{"dml": {}}]}}) == "dml"
+    assert bench_module.provider({"session_options": {}}) == bench_module.provider({}) == "cpu"

@@ -17,6 +17,24 @@ def test_every_option_has_help(name, cmd):
             assert param.help, f"{name} --{param.name} has no help"
 
 
+def test_the_error_boundary_is_the_group(runner):
+    """A command added to the group gets the one-line errors, exit codes and SIGTERM cleanup without a decorator."""
+    from phiedge.errors import NotEnforced
+
+    @cli.command("raise-for-test")
+    @click.argument("kind")
+    def raise_for_test(kind):
+        raise NotEnforced("nothing held") if kind == "enforced" else KeyboardInterrupt
+
+    try:
+        result = runner.invoke(cli, ["raise-for-test", "enforced"])
+        assert result.exit_code == 3 and result.output.strip() == "Error: nothing held"
+        result = runner.invoke(cli, ["raise-for-test", "interrupt"])
+        assert result.exit_code == 130 and "interrupted; nothing was written" in result.output
+    finally:
+        del cli.commands["raise-for-test"]
+
+
 def test_models_table_and_json(runner):
     table = runner.invoke(cli, ["models"])
     assert table.exit_code == 0 and "phi-4-mini" in table.output and "not yet:" in table.output

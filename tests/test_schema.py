@@ -79,6 +79,31 @@ def test_recipe_needs_model_builder_and_known_systems():
     Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4"}})
 
 
+def test_recipes_carry_no_int4_settings():
+    """They are the target's (and the options'): a recipe's would be overwritten, and read as if they counted."""
+    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
+                host="s", target="s")
+    with pytest.raises(ValidationError, match="b.int4_block_size: int4 settings belong to the target"):
+        Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32}})
+
+
+def test_one_provider_table_names_every_provider_a_target_may_use():
+    from typing import get_args
+
+    from phiedge.schema import PROVIDERS
+
+    assert set(PROVIDERS) == set(get_args(Target.model_fields["execution_provider"].annotation))
+    assert all(set(p.precisions) <= set(get_args(Target.model_fields["precision"].annotation))
+               for p in PROVIDERS.values())
+
+
+def test_runs_here_is_the_targets_numeric_check():
+    from phiedge import catalog
+
+    assert catalog.find_target("cpu").runs_here and catalog.find_target("android").runs_here
+    assert not catalog.find_target("windows-dml").runs_here
+
+
 def test_builder_boolean_options_must_be_booleans():
     """Olive passes extra_options to the builder unparsed: the string "false" would mean true there."""
     base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},

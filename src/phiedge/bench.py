@@ -7,7 +7,6 @@ repetitions; every sample kept. Timings exclude tokenization: prompts are token 
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import resource
@@ -20,11 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__, model_safety
-from .errors import PhiedgeError
-
-
-class BenchError(PhiedgeError):
-    """The benchmark cannot run (bad options or not a model)."""
+from .artifacts import ModelFolder, Opened
+from .errors import BenchError
+from .schema import PROVIDERS
 
 
 @dataclass(frozen=True)
@@ -98,34 +95,36 @@ def run_tg(model, context: list[int], n_gen: int) -> list[float]:
     return latencies
 
 
-def model_info(root: Path) -> tuple[Path, dict]:
+def model_info(bundle: Opened) -> tuple[ModelFolder, dict]:
     """(model folder, what is known of the model) from a bundle's manifest or a build record."""
-    if (root / "manifest.json").is_file():
-        from .verify import read_manifest
-
-        manifest = read_manifest(root)
-        model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
-        return root / manifest["model_dir"], {**model, "target": manifest.get("target")}
-    if not (root / "genai_config.json").is_file():
-        raise BenchError(f"{root} is neither a phiedge bundle nor a model folder (no genai_config.json)")
-    record_path = root / "phiedge_build.json"
-    if record_path.is_file():
-        r = json.loads(record_path.read_text())
-        return root, {"variant": r["source"].get("variant"), "params": r["source"].get("params"),
-                      "precision": r["precision"], "int4": r.get("int4"), "target": r["target"]}
-    return root, {}
+    if not bundle.is_bundle and not bundle.is_model_folder:
+        raise BenchError(bundle.neither())
+    if bundle.is_bundle:
+        manifest = bundle.manifest
+        return bundle.folder, {**(manifest.model or {}), "target": manifest.target}
+    r = bundle.folder.record
+    if r is not None:
+        return bundle.folder, {"variant": r.source.variant, "params": r.source.params,
+                               "precision": r.precision, "int4": r.int4, "target": r.target}
+    return bundle.folder, {}
 
 
-def bench(root: str | Path, tests: list[BenchTest], reps: int = 5, warmup: int = 1, threads: int | None = None,
+def provider(decoder: dict) -> str:
+    """The execution provider the model runs on: the one genai_config.json names, or the CPU."""
+    named = [name for entry in decoder.get("session_options", {}).get("provider_options", []) for name in entry]
+    return next((key for key, p in PROVIDERS.items() if p.genai is not None and p.genai in named), "cpu")
+
+
+def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warmup: int = 1, threads: int | None = None,
           progress=None) -> list[dict]:
     """One record per test, with llama-bench's field names where one exists."""
     from importlib.metadata import version
 
     if reps < 1 or warmup < 0:
         raise BenchError(f"repetitions must be at least 1 and warm-up at least 0 (got -r {reps}, warm-up {warmup})")
-    model_dir, info = model_info(Path(root))
-    config = json.loads((model_dir / "genai_config.json").read_text())
-    decoder, cap = config["model"]["decoder"], config["search"]["max_length"]
+    folder, info = model_info(root if isinstance(root, Opened) else Opened(Path(root)))
+    model_dir, config = folder.path, folder.config
+    decoder, cap = folder.decoder, config["search"]["max_length"]
     too_long = [t.name for t in tests if max(t.n_prompt, t.n_depth + t.n_gen) + 2 > cap]
     if too_long:
         raise BenchError(f"tests {', '.join(too_long)} exceed the model's max_length {cap}")
@@ -134,11 +133,11 @@ def bench(root: str | Path, tests: list[BenchTest], reps: int = 5, warmup: int =
     vocab = min(config["model"]["vocab_size"], 1000)  # ordinary tokens: ids below any special token
     base = {"phiedge_version": __version__, "onnxruntime_genai_version": version("onnxruntime-genai"),
             "onnxruntime_version": version("onnxruntime"), "cpu_info": cpu_info(), "n_cores": os.cpu_count(),
-            "os": platform.platform(), "provider": "cpu",
+            "os": platform.platform(), "provider": provider(decoder),
             "n_threads": threads or decoder.get("session_options", {}).get("intra_op_num_threads"),
             "model_variant": info.get("variant"), "model_precision": info.get("precision"),
             "model_int4": info.get("int4"), "model_n_params": info.get("params"),
-            "model_size": sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()),
+            "model_size": folder.size_bytes(),
             "model_shape": {k: decoder[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                    "num_key_value_heads", "head_size")}}
     records = []

@@ -10,72 +10,29 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from . import (__version__, budget, calibrate, catalog, checks, genai_config, graph_check, graph_fixes,
                olive_config, olive_runner, prequant, telemetry)
-from .checkpoint import Checkpoint, inspect, parameter_shapes
+from .artifacts import RECORD, REPORT, ModelFolder
+from .checkpoint import parameter_shapes
 from .corpus import write_calibration
-from .catalog import pydantic_problems
-from .errors import BuildError, ConfigError
+from .errors import BuildError
+from .exports import Exports
+from .plan import BuildOptions, Plan, plan
 from .progress import Progress
-from .schema import Int4Settings, Target, ValidationSettings
-from .validate import REPORT, raise_on_failure, validate, with_overrides
+from .validate import raise_on_failure, validate
 from .workspace import check_output, staged_dir
 
-RECORD = "phiedge_build.json"
+__all__ = ["RECORD", "BuildOptions", "Exports", "Plan", "build", "plan"]  # where callers found them before plan.py
+
 # What a model folder needs at run time; Olive's footprints and run history stay behind.
 ARTIFACT_SUFFIXES = (".onnx", ".onnx.data", ".json", ".jinja", ".txt", ".model")
 OLIVE_ONLY = {"footprint.json", "output_footprint.json", "model_config.json", "run_history.txt"}
-PRECISIONS = {"cpu": ("int4", "fp32"), "cuda": ("int4", "fp16", "fp32"), "dml": ("int4", "fp16"),
-              "webgpu": ("int4", "fp16", "fp32")}
 # How a write that failed for want of space shows in the Olive child's output (a Python OSError, or C++).
 DISK_FULL = ("[Errno 28]", "No space left on device")
 STACK = ("olive-ai", "onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch")
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What the user may override on top of the target."""
-
-    precision: str | None = None
-    int4: dict = field(default_factory=dict)  # block_size, accuracy_level, symmetric, algorithm
-    context_cap: int | None = None
-    threads: int | None = None
-    recipe: str | None = None  # another workflow under recipes/ (e.g. cpu-gptq) instead of the target's
-    calibration: str | None = None  # text file for calibrated recipes (default: stdlib training split)
-    validate: bool = True  # compare with the checkpoint in transformers; fail the build on a crossed threshold
-    thresholds: dict = field(default_factory=dict)  # overrides of the target's thresholds for this precision
-
-
-@dataclass(frozen=True)
-class Plan:
-    target: Target
-    checkpoint: Checkpoint
-    precision: str
-    int4: Int4Settings
-    context_cap: int
-    threads: int
-    recipe_name: str
-    recipe: dict
-    validation: ValidationSettings
-    notes: tuple[str, ...] = ()
-
-    @property
-    def streamed(self) -> bool:
-        return olive_config.streamed(self.precision, self.int4)
-
-    def builder_input(self, workdir: Path) -> Path:
-        """What the builder reads: the checkpoint, or phiedge's quantized copy of it (method stream)."""
-        return workdir / "quantized" if self.streamed else self.checkpoint.path
-
-    def olive_config(self, workdir: Path) -> dict:
-        return olive_config.fill(self.recipe, self.target, self.builder_input(workdir), workdir, self.precision,
-                                 self.int4)
 
 
 def stack_versions() -> dict[str, str]:
@@ -86,83 +43,6 @@ def stack_versions() -> dict[str, str]:
         except PackageNotFoundError:
             found[name] = "not installed"
     return found
-
-
-# What method builder means for the stream-only settings: the builder's float table, 4-bit LM head, own rounding.
-BUILDER_METHOD = {"method": "builder", "embeddings": "float", "lm_head_bits": 4, "quantizer": "rtn", "eight_bit": [],
-                  "calibrate": False}
-
-
-def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
-    """The target's int4 settings with the user's on top. Options only the builder's quantization has
-    (another algorithm, float nodes, a shared table) switch a stream target to method builder, and method
-    builder drops the stream-only table and LM head precisions the user did not ask for."""
-    merged = {**target.model_dump(), **overrides}
-    builder_only = [k for k in ("algorithm", "float_nodes", "shared_embeddings")
-                    if k in overrides and overrides[k] not in ("default", [], None, False)]
-    if "method" not in overrides and merged["method"] == "stream" and builder_only:
-        merged["method"] = "builder"
-        notes.append(f"int4 method builder: {', '.join(builder_only)} is the builder's quantization setting")
-    if merged["method"] == "builder":
-        merged.update({k: v for k, v in BUILDER_METHOD.items() if k not in overrides})
-    return merged
-
-
-def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildOptions()) -> Plan:
-    """Resolve target, checkpoint and options; every option problem is reported at once."""
-    target = catalog.find_target(target_name)
-    checkpoint = inspect(model_dir)
-    problems = []
-    precision = options.precision or target.precision
-    if precision not in PRECISIONS[target.execution_provider]:
-        problems.append(f"precision {precision} is not available on {target.execution_provider} "
-                        f"(choose {', '.join(PRECISIONS[target.execution_provider])})")
-    notes = []
-    try:
-        int4 = Int4Settings(**merge_int4(target.int4, options.int4, notes))
-    except ValidationError as exc:
-        problems.extend(f"int4 {p}" for p in pydantic_problems(exc))
-        int4 = target.int4
-    cap = options.context_cap if options.context_cap is not None else target.context_cap
-    if cap < 1:
-        problems.append(f"context cap must be at least 1, not {cap}")
-    threads = options.threads if options.threads is not None else target.threads
-    if threads == "auto":
-        threads = os.cpu_count() or 1
-    if threads < 1:
-        problems.append(f"threads must be at least 1, not {threads}")
-    try:
-        validation = with_overrides(target.validation, precision, options.thresholds)
-    except ValidationError as exc:
-        problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
-    if options.calibration is not None and not Path(options.calibration).is_file():
-        problems.append(f"calibration file {options.calibration} does not exist")
-    if olive_config.streamed(precision, int4) and int4.embeddings == prequant.SHARED \
-            and not checkpoint.config.get("tie_word_embeddings"):
-        untied = "the checkpoint's LM head is not its embedding table (tie_word_embeddings is false)"
-        if "embeddings" in options.int4:
-            problems.append(f"int4 embeddings shared: {untied}; choose int8 or int4")
-        else:  # the target's default: a table of its own at the LM head's bits
-            int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
-            notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
-    why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
-    if why and any(key in options.int4 for key in ("method", "embeddings", "lm_head_bits", "quantizer", "eight_bit",
-                                                   "calibrate")):
-        problems.append(f"int4 method stream: {why}")
-    elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
-        int4 = int4.model_copy(update=BUILDER_METHOD)
-        notes.append(f"int4 method builder instead of the target's stream: {why}")
-    if olive_config.streamed(precision, int4) and not why and int4.eight_bit:
-        _, unmatched = prequant.eight_bit_matrices(prequant.Weights(checkpoint.path).names(), int4.eight_bit)
-        problems.extend(f"int4 eight_bit pattern {p!r} matches no layer matrix of the checkpoint" for p in unmatched)
-    recipe_name = options.recipe or target.recipe
-    recipe = catalog.load_recipe(recipe_name)
-    if olive_config.streamed(precision, int4) and olive_config.requantizing_passes(recipe):
-        problems.append(f"recipe {recipe_name} quantizes with {', '.join(olive_config.requantizing_passes(recipe))}, "
-                        "which int4 method stream has done already: add --int4-method builder")
-    if problems:
-        raise ConfigError("build options", problems)
-    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, recipe, validation, tuple(notes))
 
 
 def olive_env(workdir: Path) -> dict[str, str]:
@@ -179,10 +59,9 @@ def run_olive(config: dict, workdir: Path, n_layers: int, progress: Progress) ->
 
     A full disk in the child is raised as the OSError it was, for the staged output to report in one line."""
     config_path = workdir / "olive_config.json"
-    result_path = workdir / "olive_result.json"
     log_path = workdir / "olive.log"
     config_path.write_text(json.dumps(config, indent=2))
-    cmd = [sys.executable, "-m", "phiedge.olive_runner", str(config_path), str(result_path)]
+    cmd = [sys.executable, "-m", "phiedge.olive_runner", str(config_path)]
     passes = []
     disk_full = False
     with open(log_path, "w") as log, progress.bar(n_layers, "export layers") as bar:
@@ -273,44 +152,6 @@ def reproducible(data: dict) -> dict:
     return out
 
 
-class Exports:
-    """Olive outputs kept for reuse within one run: targets whose recipe, precision, int4 settings and
-    provider agree (with today's targets: android and ios) share one export. Weight files are hard-linked
-    (nothing writes them after the builder); the small files are copied, since phiedge edits them."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.done: dict[str, tuple[Path, list[str], str]] = {}
-
-    @staticmethod
-    def key(p: Plan, calibration: str | None) -> str:
-        return json.dumps([p.recipe_name, p.precision, p.int4.model_dump(), p.target.execution_provider,
-                           str(p.checkpoint.path), calibration], sort_keys=True)
-
-    @staticmethod
-    def copy(src: Path, dest: Path) -> list[str]:
-        names = []
-        for path in sorted(p for p in src.iterdir() if p.is_file()):
-            if path.name.endswith(".onnx.data"):
-                os.link(path, dest / path.name)
-            else:
-                shutil.copy2(path, dest / path.name)
-            names.append(path.name)
-        return names
-
-    def get(self, key: str, dest: Path) -> tuple[list[str], list[str], str] | None:
-        if key not in self.done:
-            return None
-        folder, passes, target = self.done[key]
-        return self.copy(folder, dest), passes, target
-
-    def put(self, key: str, src: Path, passes: list[str], target: str) -> None:
-        folder = self.folder / str(len(self.done))
-        folder.mkdir(parents=True)
-        self.copy(src, folder)
-        self.done[key] = (folder, passes, target)
-
-
 def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),
           force: bool = False, progress: Progress | None = None, exports: Exports | None = None) -> dict:
     """Build, fix up, check and write the model folder; return the build record (also saved in it)."""
@@ -350,17 +191,19 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
                 progress.step(f"one table for the embedding and the LM head: {saved / 1e6:.1f} MB less on disk")
             if exports is not None:
                 exports.put(key, tmp, passes, p.target.name)
-        model_file = genai_config.read(tmp)["model"]["decoder"]["filename"]
-        fixed = graph_fixes.layernorm_epsilon(tmp / model_file, p.checkpoint.config)
+        folder = ModelFolder(tmp)  # what the checks below read, read once
+        model_file = folder.decoder_name
+        fixed = graph_fixes.layernorm_epsilon(folder.decoder_file, p.checkpoint.config)
         runtime = genai_config.apply_runtime(tmp, p.context_cap, p.threads)
+        folder.reload()
         progress.step("checking the output")
         found = checks.check_model_dir(tmp)
-        model_graph = budget.load_graph(tmp / model_file)  # read once for the graph, budget and size checks
+        model_graph = folder.graph  # read once for the graph, budget and size checks
         target_checks = p.target.checks
         graph = None
         if target_checks is not None:
             graph = graph_check.check_graph(tmp, p.target.execution_provider, target_checks, model_graph)
-        runs_here = target_checks is None or target_checks.numeric
+        runs_here = p.target.runs_here
         if runs_here:
             checks.smoke_generate(tmp)
         memory, warning = budget.check(budget.estimate(tmp, model_graph), p.target.device, p.target.name)
@@ -370,7 +213,7 @@ def build(model_dir: str | Path, target_name: str, out: str | Path, options: Bui
         report = None
         if options.validate and runs_here:
             progress.step(f"validating against {p.checkpoint.path} in transformers")
-            report = validate(tmp, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
+            report = validate(folder, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
                               int4=p.int4 if p.precision == "int4" else None)
             report["built"] = str(out.resolve())
             (tmp / REPORT).write_text(json.dumps(reproducible(report), indent=2) + "\n")

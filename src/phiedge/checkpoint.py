@@ -29,14 +29,6 @@ class Checkpoint:
     shrunk: bool
     notes: tuple[str, ...]
 
-    @property
-    def head_dim(self) -> int:
-        return head_dim(self.config)
-
-    @property
-    def context_length(self) -> int:
-        return int(self.config["max_position_embeddings"])
-
 
 def head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 import click
 
 from . import __version__, telemetry
 from .errors import PhiedgeError
 from .progress import Progress
+from .schema import Int4Settings, Target, choices
 
 
 class Terminated(KeyboardInterrupt):
@@ -25,30 +26,34 @@ def _terminated(signum, frame):
     raise Terminated
 
 
-def errors_to_click(fn):
+@contextmanager
+def errors_to_click():
     """Turn phiedge's own exceptions into one-line errors with a non-zero exit, never a traceback."""
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
+    try:
+        yield
+    except PhiedgeError as exc:
+        error = click.ClickException(str(exc))
+        error.exit_code = getattr(exc, "exit_code", error.exit_code)  # e.g. validate's 3: nothing enforced
+        raise error from None
+    except Terminated:
+        click.echo("phiedge: terminated; nothing was written", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:
+        click.echo("phiedge: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    finally:
+        if main_thread:  # None: a handler set outside Python, which the default stands for
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
-        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
-        try:
-            return fn(*args, **kwargs)
-        except PhiedgeError as exc:
-            error = click.ClickException(str(exc))
-            error.exit_code = getattr(exc, "exit_code", error.exit_code)  # e.g. validate's 3: nothing enforced
-            raise error from None
-        except Terminated:
-            click.echo("phiedge: terminated; nothing was written", err=True)
-            sys.exit(128 + signal.SIGTERM)
-        except KeyboardInterrupt:
-            click.echo("phiedge: interrupted; nothing was written", err=True)
-            sys.exit(130)
-        finally:
-            if main_thread:  # None: a handler set outside Python, which the default stands for
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
-    return wrapper
+class Phiedge(click.Group):
+    """The one error boundary: every command, and any added later, runs inside errors_to_click."""
+
+    def invoke(self, ctx: click.Context):
+        with errors_to_click():
+            return super().invoke(ctx)
 
 
 def parse_thresholds(values: tuple[str, ...]) -> dict:
@@ -83,7 +88,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-@click.group()
+@click.group(cls=Phiedge)
 @click.version_option(__version__, prog_name="phiedge")
 def cli():
     """Phi models from a Hugging Face checkpoint to a validated int4 ONNX model for edge devices."""
@@ -95,7 +100,6 @@ def cli():
 @click.option("--recommend", is_flag=True, help="Pick one variant for a device's memory and a task.")
 @click.option("--ram", default=None, help="Device memory for --recommend, e.g. 4GB.")
 @click.option("--task", default=None, help="Use for --recommend, e.g. chat, code, math, reasoning.")
-@errors_to_click
 def models(as_json, recommend, ram, task):
     """List the Phi variants phiedge knows, or recommend one."""
     from .models import recommend as pick
@@ -117,7 +121,6 @@ def models(as_json, recommend, ram, task):
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@errors_to_click
 def targets(as_json):
     """List the device targets found under targets/."""
     from .catalog import targets as found
@@ -128,7 +131,7 @@ def targets(as_json):
              "lm_head_bits": t.int4.lm_head_bits,
              "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
              "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
-             "validated_here": t.checks is None or t.checks.numeric,
+             "validated_here": t.runs_here,
              "description": t.description} for t in found().values()]
     emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "int4_method", "quantizer",
                                      "table", "context_cap", "ram_gb", "threads", "layout", "validated_here"]))
@@ -146,7 +149,6 @@ def targets(as_json):
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="Weight precision on disk (published Phi checkpoints are bf16).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-@errors_to_click
 def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, force):
     """Write a Hugging Face checkpoint shaped like a Phi variant, with random weights."""
     from .synth import Shrink
@@ -164,7 +166,6 @@ def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, 
 @click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps (16 x 128 tokens each).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and batches.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-@errors_to_click
 def train(out, like, steps, seed, force):
     """Train a small Phi-shaped model on the Python standard library (minutes on 2 cores)."""
     from .train import train as run_train
@@ -182,7 +183,7 @@ def train(out, like, steps, seed, force):
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Hugging Face checkpoint folder.")
 @click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="Model folder to write (a release folder with several targets).")
-@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
               help="Override the target's precision (fp32 checks the export apart from quantization).")
 @click.option("--block-size", type=int, default=None, help="int4 block size (16, 32, 64, 128 or 256).")
 @click.option("--accuracy-level", type=int, default=None, help="int4 MatMul compute: 1 fp32 .. 4 int8.")
@@ -192,14 +193,14 @@ def train(out, like, steps, seed, force):
 @click.option("--shared-embeddings/--separate-embeddings", default=None,
               help="Embedding table shares the quantized LM head, or stays separate (default: the builder's).")
 @click.option("--float-node", "float_nodes", multiple=True, help="Keep this MatMul unquantized, e.g. /lm_head/MatMul.")
-@click.option("--int4-method", type=click.Choice(["builder", "stream"]), default=None,
+@click.option("--int4-method", type=click.Choice(choices(Int4Settings, "method")), default=None,
               help="stream: quantize matrix by matrix from the memory-mapped checkpoint (memory flat in model "
                    "size); builder: the builder quantizes its fp32 graph.")
-@click.option("--embeddings", type=click.Choice(["float", "int8", "int4", "shared"]), default=None,
+@click.option("--embeddings", type=click.Choice(choices(Int4Settings, "embeddings")), default=None,
               help="Input embedding table: float, int8, int4, or shared: the LM head's quantized table at "
                    "--lm-head-bits, stored once (tied checkpoints). All but float need --int4-method stream.")
-@click.option("--lm-head-bits", type=click.Choice(["4", "8"]), default=None, help="Bits of the LM head (8: stream).")
-@click.option("--quantizer", type=click.Choice(["rtn", "mse"]), default=None,
+@click.option("--lm-head-bits", type=click.Choice(choices(Int4Settings, "lm_head_bits")), default=None, help="Bits of the LM head (8: stream).")
+@click.option("--quantizer", type=click.Choice(choices(Int4Settings, "quantizer")), default=None,
               help="How --int4-method stream picks each block's scale: rtn (round to nearest, ONNX Runtime's "
                    "kernel) or mse (least squared error, never worse than rtn; same size and speed).")
 @click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
@@ -219,15 +220,14 @@ def train(out, like, steps, seed, force):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-@errors_to_click
 def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
           shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, calibrate,
           context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     from pathlib import Path
 
-    from .build import BuildOptions, plan
     from .build import build as run_build
+    from .plan import BuildOptions, plan
 
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
@@ -264,13 +264,12 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
 @click.argument("model_dir", type=click.Path())
 @click.option("--reference", required=True, type=click.Path(), help="The original Hugging Face checkpoint folder.")
 @click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
-@click.option("--precision", type=click.Choice(["int4", "fp32", "fp16"]), default=None,
+@click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
               help="Precision whose thresholds apply (default: the build's).")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Evaluation text file (default: held-out Python standard library source).")
 @click.option("--json", "json_file", type=click.Path(), default=None, help="Also write the full report here.")
-@errors_to_click
 def validate(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
     """Compare a built model with its original checkpoint.
 
@@ -298,7 +297,6 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
 @click.option("--sign", "sign_key", type=click.Path(), default=None,
               help="Sign the manifest with this minisign secret key (from `phiedge keygen` or `minisign -G -W`).")
-@errors_to_click
 def package(model_dir, out, force, sign_key):
     """Bundle a built model folder into a release archive with a manifest and a generation program."""
     from .package import archive_path
@@ -316,7 +314,6 @@ def package(model_dir, out, force, sign_key):
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Key pair to write: OUT.key (secret, mode 0600) and OUT.pub (public).")
 @click.option("--force", is_flag=True, help="Replace the key files if they exist.")
-@errors_to_click
 def keygen(out, force):
     """Make a minisign-compatible Ed25519 key pair for `package --sign` and `verify --trust`."""
     from .signing import keygen as make
@@ -328,7 +325,6 @@ def keygen(out, force):
 @click.argument("bundle", type=click.Path())
 @click.option("--no-load", is_flag=True, help="Check files and versions only, without loading the model.")
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-@errors_to_click
 def verify(bundle, no_load, trust):
     """Check a bundle (archive or folder): every file against the manifest, the runtime, the model loads."""
     from .verify import verify as check
@@ -340,21 +336,19 @@ def verify(bundle, no_load, trust):
 @click.argument("path", type=click.Path())
 @click.argument("generate_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-@errors_to_click
 def run(path, generate_args, trust):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
+    from .artifacts import opened
     from .generate import main as generate_main
-    from .signing import load_public
     from .model_safety import check_model_folder
-    from .verify import BundleError, model_folder, opened, verify_dir
+    from .signing import load_public
+    from .verify import verify_dir
 
     key = load_public(trust) if trust else None
-    with opened(path) as root:
-        if (root / "manifest.json").is_file() or key:
-            verify_dir(root, load=False, trust=key)
-            root = model_folder(root)
-        if not (root / "genai_config.json").is_file():
-            raise BundleError(f"{path} is neither a phiedge bundle nor a model folder (no genai_config.json)")
+    with opened(path) as bundle:
+        if bundle.is_bundle or key:
+            verify_dir(bundle, load=False, trust=key)
+        root = bundle.folder.path
         check_model_folder(root)
         sys.exit(generate_main([str(root), *generate_args]))
 
@@ -380,21 +374,21 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Also draw tokens/s per test to this PNG (needs matplotlib).")
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-@errors_to_click
 def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, trust):
     """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
     from .bench import bench as run_bench
     from .bench import plan_tests
     from .report import compare, render
+    from .artifacts import opened
     from .signing import load_public
-    from .verify import opened, verify_dir
+    from .verify import verify_dir
 
     tests = plan_tests(prompt_tokens, gen_tokens, depth)
     key = load_public(trust) if trust else None
-    with opened(path) as root:
+    with opened(path) as bundle:
         if key:
-            verify_dir(root, load=False, trust=key)
-        records = run_bench(root, tests, repetitions, warmup, threads,
+            verify_dir(bundle, load=False, trust=key)
+        records = run_bench(bundle, tests, repetitions, warmup, threads,
                             progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
     click.echo(render(records, fmt))
     if plot_file:
@@ -410,7 +404,6 @@ def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, 
 
 @cli.command()
 @click.argument("dist", type=click.Path())
-@errors_to_click
 def index(dist):
     """Write release.json and RELEASE.md for the bundle archives in DIST (e.g. made by one CI job per target)."""
     from .release import index as write
@@ -423,14 +416,9 @@ def index(dist):
               help="Folder for the checkpoint and the builds.")
 @click.option("--like", default="phi-4-mini", show_default=True, help="Variant to imitate.")
 @click.option("--force", is_flag=True, help="Replace earlier demo outputs.")
-@errors_to_click
 def demo(out, like, force):
     """Make a small Phi checkpoint here, build it for CPU in fp32 and int4, and check it against PyTorch."""
     from .demo import demo as run_demo
 
     summary = run_demo(out, like, force=force, progress=Progress())
     click.echo(json.dumps(summary, indent=2))
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    cli()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .build import BuildOptions, build
+from .build import build
+from .plan import BuildOptions
 from .generate import chat_prompt, generate
 from .model_safety import load
 from .progress import Progress

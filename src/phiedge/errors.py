@@ -11,7 +11,6 @@ class ConfigError(PhiedgeError):
     """A data file (target, recipe, variant) or an option is wrong; every problem is listed at once."""
 
     def __init__(self, where: str, problems: list[str]):
-        self.where = where
         self.problems = problems
         super().__init__(f"{where}: " + "; ".join(problems))
 
@@ -26,3 +25,50 @@ class ModelError(PhiedgeError):
 
 class BuildError(PhiedgeError):
     """Olive or the model builder did not produce a usable model."""
+
+
+class ArtifactError(PhiedgeError):
+    """A file phiedge wrote into a model folder (build record, validation report) is not what it writes:
+    not JSON, a key missing or of the wrong type. Edited, truncated or from another version."""
+
+
+class BundleError(PhiedgeError):
+    """The bundle is damaged, unsafe, or cannot run here; the message names the first problem."""
+
+
+class BenchError(PhiedgeError):
+    """The benchmark cannot run (bad options or not a model)."""
+
+
+class UnsafeModelError(PhiedgeError):
+    """The model folder asks the runtime for something phiedge never writes; nothing was loaded."""
+
+
+class PackageError(PhiedgeError):
+    """The folder cannot be packaged."""
+
+
+class KeyFileError(PhiedgeError):
+    """A key file is missing, unreadable, or not a key of the kind asked for."""
+
+
+class SignatureError(PhiedgeError):
+    """A bundle's signature is missing, from another key, malformed, or does not match its manifest."""
+
+
+class ValidationFailed(PhiedgeError):
+    """A metric crossed its threshold; the message names each one and by how much."""
+
+
+class NotEnforced(PhiedgeError):
+    """Nothing was held to a threshold: the numbers were measured, but no verdict was reached.
+
+    Its own exit status (not 0, which means the thresholds were met, nor 1, crossed), so a script that
+    gates on `phiedge validate` never reads "not checked" as "passed".
+    """
+
+    exit_code = 3
+
+
+class OutputError(PhiedgeError):
+    """The output path cannot be written."""

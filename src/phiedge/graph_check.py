@@ -14,10 +14,7 @@ from pathlib import Path
 
 from . import catalog, genai_config
 from .errors import BuildError
-from .schema import GraphChecks, OperatorSet
-
-# What genai_config.json calls each provider in session_options.provider_options.
-CONFIG_NAMES = {"cpu": None, "dml": "dml", "cuda": "cuda", "webgpu": "webgpu"}
+from .schema import PROVIDERS, GraphChecks, OperatorSet
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 
@@ -115,7 +112,7 @@ def check_graph(model_dir: Path, provider: str, checks: GraphChecks, model=None)
         problems.append(f"ai.onnx opset {opset} is above {checks.max_opset}, the highest the target's runtime runs")
     options = decoder.get("session_options", {}).get("provider_options", [])
     named = [name for entry in options for name in entry]
-    want = CONFIG_NAMES[provider]
+    want = PROVIDERS[provider].genai
     if want is not None and want not in named:
         problems.append(f"genai_config.json provider_options name {named or 'no provider'}, not {want!r}")
     if want is None and named:

@@ -17,16 +17,10 @@ from pathlib import Path, PurePosixPath
 from pydantic import Field, ValidationError
 
 from . import catalog
-from .errors import PhiedgeError
-from .genai_config import FILE
-from .graph_check import CONFIG_NAMES
-from .schema import Strict
-
-RECORD = "phiedge_build.json"  # build.RECORD; build imports checks, which imports this module
-
-
-class UnsafeModelError(PhiedgeError):
-    """The model folder asks the runtime for something phiedge never writes; nothing was loaded."""
+from .artifacts import GENAI_CONFIG as FILE
+from .artifacts import RECORD, BuildRecord, read
+from .errors import UnsafeModelError
+from .schema import PROVIDERS, Strict
 
 
 class SessionOptions(Strict):
@@ -120,13 +114,9 @@ def leaves(model_dir: Path, base: Path, rel) -> bool:
 
 
 def recorded_provider(model_dir: Path) -> str | None:
-    """The execution provider phiedge_build.json names, if the folder has a readable one."""
-    try:
-        record = json.loads((model_dir / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
-    provider = record.get("execution_provider") if isinstance(record, dict) else None
-    return provider if isinstance(provider, str) else None
+    """The execution provider phiedge_build.json names, if the folder has one (a malformed one: ArtifactError)."""
+    path = model_dir / RECORD
+    return read(BuildRecord, path).execution_provider if path.is_file() else None  # malformed: ArtifactError
 
 
 def check_providers(where: Path, options: list[dict], provider: str | None) -> None:
@@ -136,7 +126,7 @@ def check_providers(where: Path, options: list[dict], provider: str | None) -> N
     if provider is not None and (not isinstance(provider, str) or provider not in known):
         raise UnsafeModelError(f"{where}: execution provider {provider!r} is not one phiedge builds for "
                                f"({', '.join(sorted(known))})")
-    allowed = {CONFIG_NAMES[p] for p in ([provider] if provider else known)} - {None}
+    allowed = {PROVIDERS[p].genai for p in ([provider] if provider else known)} - {None}
     for entry in options:
         for name, settings in entry.items():
             if name not in allowed:

@@ -11,10 +11,6 @@ from pathlib import Path
 from .errors import ConfigError
 from .schema import Int4Settings, Target
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
-             "webgpu": "WebGpuExecutionProvider"}
-DEVICES = {"cpu": "cpu", "cuda": "gpu", "dml": "gpu", "webgpu": "gpu"}
-
 
 def builder_options(precision: str, int4: Int4Settings) -> dict:
     """The ModelBuilder pass options that carry a target's precision and int4 settings."""
@@ -61,14 +57,12 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
     model_dir = Path(model_dir)  # a folder that is yet to be made (method stream's) is shown as given
     config["input_model"]["model_path"] = str(model_dir.resolve() if model_dir.exists() else model_dir)
     for system in config["systems"].values():
-        system["accelerators"] = [{"device": DEVICES[target.execution_provider],
-                                   "execution_providers": [PROVIDERS[target.execution_provider]]}]
+        system["accelerators"] = [{"device": target.provider.olive_device,
+                                   "execution_providers": [target.provider.onnxruntime]}]
     builders = [p for p in config["passes"].values() if p["type"] == "ModelBuilder"]
     if len(builders) != 1:
         raise ConfigError("recipe", [f"expected one ModelBuilder pass, found {len(builders)}"])
-    builder = builders[0]
-    for key in [k for k in builder if k.startswith("int4_")]:
-        del builder[key]
+    builder = builders[0]  # its int4_* keys are the target's: the schema refuses them in a recipe
     builder.update(builder_options(precision, int4))
     extra = {k: v for k, v in builder.get("extra_options", {}).items() if k != "shared_embeddings"}
     builder["extra_options"] = {**extra, **builder_extra_options(precision, int4)}

@@ -1,13 +1,12 @@
-"""Run one Olive workflow in a child process: `python -m phiedge.olive_runner CONFIG RESULT`.
+"""Run one Olive workflow in a child process: `python -m phiedge.olive_runner CONFIG`.
 
-A child process keeps Olive's memory, logging and crashes out of phiedge. It writes RESULT (JSON)
-itself, because Olive exits 0 when a workflow fails ("No output model produced").
+A child process keeps Olive's memory, logging and crashes out of phiedge. It exits 3 when no model came out,
+because Olive exits 0 when a workflow fails ("No output model produced").
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -36,19 +35,14 @@ def _die_with_parent() -> None:
         sys.exit(1)
 
 
-def main(config_path: str, result_path: str) -> int:
+def main(config_path: str) -> int:
     _die_with_parent()
     _silence_telemetry()
     from olive.workflows import run
 
     output = run(config_path)
-    models = output.get_output_models() if output is not None else []
-    result = {"has_output_model": bool(models),
-              "model_paths": [m.model_path for m in models if getattr(m, "model_path", None)]}
-    with open(result_path, "w") as f:
-        json.dump(result, f)
-    return 0 if models else 3
+    return 0 if output is not None and output.get_output_models() else 3
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(sys.argv[1]))

@@ -24,31 +24,17 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from . import __version__, genai_config, signing
-from .build import RECORD
-from .errors import PhiedgeError
-from .validate import REPORT
+from . import __version__, signing
+from .artifacts import CHUNK, FORMAT, GENAI_CONFIG, MANIFEST, RECORD, SIGNATURE, BuildRecord, ModelFolder, sha256
+from .errors import PackageError
 from .workspace import check_output, staged_file
 
-FORMAT = "phiedge-bundle/1"
-MANIFEST = "manifest.json"
 EPOCH = (1980, 1, 1, 0, 0, 0)
-CHUNK = 1 << 20
-
-
-class PackageError(PhiedgeError):
-    """The folder cannot be packaged."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["FORMAT", "MANIFEST", "PackageError", "archive_path", "package", "sha256"]
 
 
 TEMPLATES = Path(__file__).parent / "templates"
+GENERATE = Path(__file__).parent / "generate.py"  # copied into every bundle; needs only onnxruntime-genai
 LAYOUTS = {  # layout -> (model folder in the bundle, {bundle path: template file})
     "flat": ("model", {}),
     "android": ("app/src/main/assets/phi", {"app/src/main/java/ai/phiedge/PhiedgeChat.kt": "android/PhiedgeChat.kt"}),
@@ -71,26 +57,26 @@ HOW_TO_RUN = {
 }
 
 
-def bundle_name(record: dict) -> str:
+def bundle_name(record: BuildRecord) -> str:
     """<checkpoint folder>-<variant>[-synth]-<precision>-<target>-phiedge<version>, safe as a file name."""
-    source = record.get("source", {})
-    variant = (source.get("variant") or "phi") + ("-synth" if source.get("shrunk") else "")
-    folder = "".join(c if c.isalnum() or c in "._-" else "-" for c in source.get("name") or "").strip("-.")
-    model = variant if not folder or folder.lower() in (variant.lower(), source.get("variant")) else f"{folder}-{variant}"
-    return f"{model}-{record['precision']}-{record['target']}-phiedge{record['phiedge_version']}"
+    source = record.source
+    variant = (source.variant or "phi") + ("-synth" if source.shrunk else "")
+    folder = "".join(c if c.isalnum() or c in "._-" else "-" for c in source.name or "").strip("-.")
+    model = variant if not folder or folder.lower() in (variant.lower(), source.variant) else f"{folder}-{variant}"
+    return f"{model}-{record.precision}-{record.target}-phiedge{record.phiedge_version}"
 
 
-def model_summary(model_dir: Path, record: dict) -> dict:
-    cfg = json.loads((model_dir / "config.json").read_text()) if (model_dir / "config.json").is_file() else {}
-    decoder = genai_config.read(model_dir)["model"]["decoder"]
-    source = record.get("source", {})
-    return {"variant": source.get("variant"), "architecture": source.get("architecture"),
-            "shrunk": source.get("shrunk"), "params": source.get("params"),
+def model_summary(folder: ModelFolder, record: BuildRecord) -> dict:
+    cfg = json.loads((folder.path / "config.json").read_text()) if (folder.path / "config.json").is_file() else {}
+    decoder = folder.decoder
+    source = record.source
+    return {"variant": source.variant, "architecture": source.architecture,
+            "shrunk": source.shrunk, "params": source.params,
             "shape": {"hidden_size": decoder["hidden_size"], "layers": decoder["num_hidden_layers"],
                       "heads": decoder["num_attention_heads"], "kv_heads": decoder["num_key_value_heads"],
                       "head_dim": decoder["head_size"], "vocab_size": cfg.get("vocab_size"),
                       "context_length": cfg.get("max_position_embeddings")},
-            "precision": record["precision"], "int4": record.get("int4")}
+            "precision": record.precision, "int4": record.int4}
 
 
 def readme(manifest: dict, signed_by: str | None = None) -> str:
@@ -125,43 +111,40 @@ def signed_line(key_id: str | None) -> str:
             "in this folder) with the publisher's public key shows the files are the ones they packaged.")
 
 
-def manifest_for(model_dir: Path, name: str, files: dict[str, dict], layout: str = "flat") -> dict:
-    record = json.loads((model_dir / RECORD).read_text())
-    report = json.loads((model_dir / REPORT).read_text()) if (model_dir / REPORT).is_file() else None
-    builder = record["versions"].get("onnxruntime-genai", "0")
+def manifest_for(folder: ModelFolder, name: str, files: dict[str, dict], layout: str = "flat") -> dict:
+    record, report = folder.record, folder.report
+    builder = record.versions.get("onnxruntime-genai", "0")
     return {
         "format": FORMAT, "name": name, "phiedge_version": __version__,
-        "target": record["target"], "recipe": record["recipe"], "execution_provider": record["execution_provider"],
+        "target": record.target, "recipe": record.recipe, "execution_provider": record.execution_provider,
         "layout": layout, "model_dir": LAYOUTS[layout][0],
-        "model": model_summary(model_dir, record),
-        "context_cap": record["runtime"]["max_length"], "threads": record["runtime"]["intra_op_num_threads"],
-        "versions": record["versions"],
+        "model": model_summary(folder, record),
+        "context_cap": record.runtime.max_length, "threads": record.runtime.intra_op_num_threads,
+        "versions": record.versions,
         # A runtime older than the builder may reject its genai_config.json.
         "min_runtime": {"onnxruntime-genai": builder},
         "validation": None if report is None else {
-            **{k: v for k, v in report["metrics"].items() if k != "prompts"},
-            "passed": report["passed"], "enforced": report["enforced"], "note": report.get("note"),
-            "dequantized": report.get("dequantized")},
-        "checks": record.get("checks"),
+            **{k: v for k, v in report.metrics.model_dump().items() if k != "prompts"},
+            "passed": report.passed, "enforced": report.enforced, "note": report.note,
+            "dequantized": report.dequantized},
+        "checks": None if record.checks is None else record.checks.model_dump(exclude_unset=True),
         "files": files,
     }
 
 
 def entries(model_dir: Path, layout: str = "flat") -> dict[str, Path]:
     """archive path (relative to the bundle root) -> source file."""
-    from . import generate
-
     folder, extras = LAYOUTS[layout]
     out = {f"{folder}/{p.name}": p for p in sorted(model_dir.iterdir()) if p.is_file()}
-    out["generate.py"] = Path(generate.__file__)
+    out["generate.py"] = GENERATE
     out.update({arc: TEMPLATES / template for arc, template in extras.items()})
     return out
 
 
-def requirements(record: dict) -> bytes:
+def requirements(record: BuildRecord) -> bytes:
     """The runtime's pip packages, at least the version that built the model."""
-    runtime = record["versions"]["onnxruntime-genai"]
-    packages = (record.get("bundle") or {}).get("requirements") or ["onnxruntime-genai"]
+    runtime = record.versions.get("onnxruntime-genai", "0")
+    packages = (record.bundle or {}).get("requirements") or ["onnxruntime-genai"]
     return "".join(f"{p}>={runtime}\n" for p in packages).encode()
 
 
@@ -187,25 +170,29 @@ def archive_path(out: str | Path, name: str) -> Path:
 def package(model_dir: str | Path, out: str | Path, force: bool = False, sign: signing.SecretKey | None = None) -> dict:
     """Write the archive at `out` (atomically; into it as NAME.zip if out is a folder); return its manifest.
     With `sign`, the archive also holds its signature of the manifest's bytes."""
-    model_dir = Path(model_dir)
-    if not (model_dir / RECORD).is_file() or not (model_dir / "genai_config.json").is_file():
+    folder = ModelFolder(model_dir)
+    model_dir = folder.path
+    if not (model_dir / RECORD).is_file() or not (model_dir / GENAI_CONFIG).is_file():
         raise PackageError(f"{model_dir} is not a folder written by `phiedge build` (no {RECORD})")
-    record = json.loads((model_dir / RECORD).read_text())
+    record = folder.record
+    folder.report  # a malformed report is one line before anything is written
     name = bundle_name(record)
+    layout = (record.bundle or {}).get("layout", "flat")
+    if layout not in LAYOUTS:
+        raise PackageError(f"{model_dir / RECORD}: bundle.layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     out = archive_path(out, name)
     check_output(out, force)  # makes the folder; before the hashing, so a bad output path fails at once
-    layout = (record.get("bundle") or {}).get("layout", "flat")
     sources = entries(model_dir, layout)
     extra = {"requirements.txt": requirements(record)}
     files = {arc: {"size": p.stat().st_size, "sha256": sha256(p)} for arc, p in sources.items()}
     files.update({arc: {"size": len(b), "sha256": hashlib.sha256(b).hexdigest()} for arc, b in extra.items()})
-    manifest = manifest_for(model_dir, name, {}, layout)
+    manifest = manifest_for(folder, name, {}, layout)
     extra["README.md"] = readme(manifest, sign and sign.id).encode()
     files["README.md"] = {"size": len(extra["README.md"]), "sha256": hashlib.sha256(extra["README.md"]).hexdigest()}
     manifest["files"] = dict(sorted(files.items()))
     extra[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
     if sign is not None:
-        extra[signing.SIGNATURE] = signing.sign(extra[MANIFEST], sign, f"phiedge bundle {name}")
+        extra[SIGNATURE] = signing.sign(extra[MANIFEST], sign, f"phiedge bundle {name}")
     with staged_file(out, force) as tmp:  # one writer; a full disk is one line and leaves no partial archive
         with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
             payload = {**sources, **extra}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -33,7 +33,3 @@ class Progress:
             for item in items:
                 yield item
                 bar.update(1)
-
-
-def quiet_iterate(items: Iterable[T], _desc: str) -> Iterable[T]:
-    return items

@@ -14,19 +14,22 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from . import catalog
-from .build import RECORD, BuildOptions, Exports, build, plan
+from . import __version__, catalog
+from .artifacts import MANIFEST, Manifest, ModelFolder, parse_manifest, sha256
+from .bench import BenchTest, bench
+from .build import build
+from .exports import Exports
+from .plan import BuildOptions, plan
 from .errors import PhiedgeError
-from .package import MANIFEST, bundle_name, package, sha256
+from .package import bundle_name, package
 from .progress import Progress
-from .verify import parse_manifest
 from .workspace import staged_dir
 
 INDEX_JSON, INDEX_MD = "release.json", "RELEASE.md"
 BENCH = {"n_prompt": 128, "n_gen": 32, "reps": 3}
 
 
-def read_manifest(archive: Path) -> dict:
+def read_manifest(archive: Path) -> Manifest:
     """The manifest inside a bundle archive, without unpacking the model; shape-checked as `verify` does."""
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -39,11 +42,11 @@ def read_manifest(archive: Path) -> dict:
 
 def entry(archive: Path) -> dict:
     manifest = read_manifest(archive)
-    v, checks = manifest.get("validation"), manifest.get("checks") or {}
-    return {"target": manifest["target"], "bundle": manifest["name"], "file": archive.name,
+    v, checks = manifest.validation, (manifest.checks.model_dump() if manifest.checks else {})
+    return {"target": manifest.target, "bundle": manifest.name, "file": archive.name,
             "size_bytes": archive.stat().st_size, "sha256": sha256(archive),
-            "execution_provider": manifest["execution_provider"], "precision": manifest["model"]["precision"],
-            "context_cap": manifest["context_cap"],
+            "execution_provider": manifest.execution_provider, "precision": (manifest.model or {}).get("precision"),
+            "context_cap": manifest.context_cap,
             "validation": None if v is None else {k: v.get(k) for k in ("kl_mean", "kl_p99", "top1", "ppl_ratio",
                                                                          "greedy", "enforced", "passed")},
             "not_validated_because": checks.get("not_run_here"),
@@ -51,8 +54,6 @@ def entry(archive: Path) -> dict:
 
 
 def short_bench(model_dir: Path) -> dict:
-    from .bench import BenchTest, bench
-
     records = bench(model_dir, [BenchTest(BENCH["n_prompt"], 0), BenchTest(0, BENCH["n_gen"])], reps=BENCH["reps"])
     return {r["test"]: round(r["avg_ts"], 2) for r in records}
 
@@ -73,8 +74,6 @@ def markdown(index: dict) -> str:
 
 
 def write_index(dist: Path, entries: list[dict], model: str) -> dict:
-    from . import __version__
-
     index = {"model": model, "phiedge_version": __version__, "bundles": sorted(entries, key=lambda e: e["target"])}
     (dist / INDEX_JSON).write_text(json.dumps(index, indent=2) + "\n")
     (dist / INDEX_MD).write_text(markdown(index))
@@ -88,7 +87,7 @@ def index(dist: str | Path) -> dict:
     if not archives:
         raise PhiedgeError(f"no bundle archives (*.zip) in {dist}")
     entries = [entry(a) for a in archives]
-    return write_index(dist, entries, read_manifest(archives[0])["model"].get("variant") or "phi")
+    return write_index(dist, entries, (read_manifest(archives[0]).model or {}).get("variant") or "phi")
 
 
 def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, options: BuildOptions = BuildOptions(),
@@ -104,12 +103,11 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
             progress.step(f"target {name}")
             built = tmp / ".builds" / name
             build(model_dir, name, built, options, progress=progress, exports=exports)
-            record = json.loads((built / RECORD).read_text())
+            record = ModelFolder(built).record
             archive = tmp / f"{bundle_name(record)}.zip"
             manifest = package(built, archive)
             e = entry(archive)
-            checks = manifest.get("checks") or {}
-            if run_bench and not checks.get("not_run_here"):
+            if run_bench and not (manifest.get("checks") or {}).get("not_run_here"):
                 progress.step(f"bench {name}")
                 e["bench"] = short_bench(built)
             entries.append(e)

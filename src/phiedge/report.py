@@ -6,6 +6,9 @@ import csv
 import io
 import json
 
+from pydantic import ValidationError
+
+from .artifacts import BenchRecord, problems
 from .errors import PhiedgeError
 
 MD_ALWAYS = ["test", "avg_ts", "stddev_ts", "ttft_ms", "latency_p50_ms", "latency_p99_ms", "peak_rss_bytes"]
@@ -59,8 +62,11 @@ def render(records: list[dict], fmt: str) -> str:
 def compare(records: list[dict], old_path: str) -> list[dict]:
     """tokens/s now over tokens/s then, test by test (tests missing from either side are left out)."""
     try:
-        old = {r["test"]: r for r in (json.loads(line) for line in open(old_path) if line.strip())}
-    except (OSError, ValueError, KeyError) as exc:
+        with open(old_path) as f:
+            old = {r.test: r for r in (BenchRecord.model_validate_json(line) for line in f if line.strip())}
+    except ValidationError as exc:
+        raise PhiedgeError(f"cannot read {old_path} as phiedge bench JSON lines: {problems(exc)}") from None
+    except (OSError, ValueError) as exc:
         raise PhiedgeError(f"cannot read {old_path} as phiedge bench JSON lines: {exc}") from None
-    return [{"test": r["test"], "avg_ts": r["avg_ts"], "old_avg_ts": old[r["test"]]["avg_ts"],
-             "ratio": r["avg_ts"] / old[r["test"]]["avg_ts"]} for r in records if r["test"] in old]
+    return [{"test": r["test"], "avg_ts": r["avg_ts"], "old_avg_ts": old[r["test"]].avg_ts,
+             "ratio": r["avg_ts"] / old[r["test"]].avg_ts} for r in records if r["test"] in old]

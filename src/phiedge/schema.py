@@ -6,11 +6,37 @@ setting (olive-recipes' `info.yml` vs `info.yaml` drift is the cautionary tale).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+ProviderName = Literal["cpu", "cuda", "dml", "webgpu"]
+Precision = Literal["int4", "fp32", "fp16"]
+
+
+@dataclass(frozen=True)
+class Provider:
+    """What each tool calls an execution provider, and what phiedge can build for it."""
+
+    onnxruntime: str  # ONNX Runtime's name (Olive's accelerators, OperatorKernels.md)
+    olive_device: str  # Olive's accelerator device
+    precisions: tuple[str, ...]  # what the model builder writes for it
+    genai: str | None  # genai_config.json's session_options.provider_options key (CPU: none)
+    runtime_package: str  # the onnxruntime-genai wheel that runs it
+
+
+PROVIDERS: dict[str, Provider] = {
+    "cpu": Provider("CPUExecutionProvider", "cpu", ("int4", "fp32"), None, "onnxruntime-genai"),
+    "cuda": Provider("CUDAExecutionProvider", "gpu", ("int4", "fp16", "fp32"), "cuda", "onnxruntime-genai-cuda"),
+    "dml": Provider("DmlExecutionProvider", "gpu", ("int4", "fp16"), "dml", "onnxruntime-genai-directml"),
+    "webgpu": Provider("WebGpuExecutionProvider", "gpu", ("int4", "fp16", "fp32"), "webgpu", "onnxruntime-genai"),
+}
+
+def choices(model: type[BaseModel], name: str) -> list[str]:
+    """The values a Literal field of a schema model allows, as text (for a command-line choice)."""
+    return [str(v) for v in get_args(model.model_fields[name].annotation)]
 
 
 class Strict(BaseModel):
@@ -67,6 +93,31 @@ class Variant(Strict):
         return self
 
 
+# Which int4 settings belong to which method, and each one's value when it is not used: the builder's own
+# quantization reads the first three, phiedge's stream quantization the others. Read by the settings' check
+# below and by the plan (plan.py), which switches method or drops what the other method would not read.
+INT4_METHOD_KEYS: dict[str, tuple[str, Any]] = {
+    "algorithm": ("builder", "default"),
+    "float_nodes": ("builder", []),
+    "shared_embeddings": ("builder", None),
+    "embeddings": ("stream", "float"),
+    "lm_head_bits": ("stream", 4),
+    "quantizer": ("stream", "rtn"),
+    "eight_bit": ("stream", []),
+    "calibrate": ("stream", False),
+}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The settings only `method` reads, at their unused values."""
+    return {k: unused for k, (owner, unused) in INT4_METHOD_KEYS.items() if owner == method}
+
+
+def int4_used(key: str, value: Any) -> bool:
+    """Whether a setting asks for something (False, None and the unused value ask for nothing)."""
+    return value != INT4_METHOD_KEYS[key][1] and value is not None and value is not False
+
+
 class Int4Settings(Strict):
     """MatMulNBits quantization as the ONNX Runtime GenAI model builder applies it."""
 
@@ -113,8 +164,7 @@ class Int4Settings(Strict):
     @model_validator(mode="after")
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
-            if self.embeddings != "float" or self.lm_head_bits != 4 or self.quantizer != "rtn" or self.eight_bit \
-                    or self.calibrate:
+            if any(int4_used(k, getattr(self, k)) for k in method_defaults("stream")):
                 raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse, eight_bit and calibrate "
                                  "need method: stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
             return self
@@ -164,7 +214,7 @@ class ValidationSettings(Strict):
     eval_tokens: int = Field(2048, ge=16, description="held-out tokens scored for KL, top-1 and perplexity")
     window: int = Field(512, ge=8, description="tokens per forward pass")
     greedy_tokens: int = Field(32, ge=1, description="new tokens per greedy prompt")
-    thresholds: dict[Literal["int4", "fp32", "fp16"], Thresholds] = {}
+    thresholds: dict[Precision, Thresholds] = {}
     dequantized: DequantizedSettings = DequantizedSettings()
 
 
@@ -228,8 +278,8 @@ class Target(Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
     description: str
-    execution_provider: Literal["cpu", "cuda", "dml", "webgpu"]
-    precision: Literal["int4", "fp32", "fp16"]
+    execution_provider: ProviderName
+    precision: Precision
     int4: Int4Settings = Int4Settings()
     context_cap: int = Field(gt=0, description="search.max_length written into genai_config.json")
     threads: int | Literal["auto"] = Field("auto", description="intra-op threads; auto = the build machine's cores")
@@ -245,6 +295,15 @@ class Target(Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("threads must be at least 1 or 'auto'")
         return v
+
+    @property
+    def provider(self) -> Provider:
+        return PROVIDERS[self.execution_provider]
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether a build for this target runs on this machine's CPU provider (so it is loaded and validated)."""
+        return self.checks is None or self.checks.numeric
 
 
 class OliveSystem(Strict):
@@ -304,4 +363,8 @@ class Recipe(Strict):
                 raise ValueError(f"{role} {getattr(self, role)!r} is not one of the systems")
         if not any(p.type == "ModelBuilder" for p in self.passes.values()):
             raise ValueError("a recipe needs a ModelBuilder pass (it writes genai_config.json)")
+        int4 = sorted(f"{name}.{key}" for name, p in self.passes.items() if p.type == "ModelBuilder"
+                      for key in p.model_extra or {} if key.startswith("int4_"))
+        if int4:  # phiedge writes them from the target's (and the options') int4 settings, over whatever is here
+            raise ValueError(f"{', '.join(int4)}: int4 settings belong to the target's int4 block, not the recipe")
         return self

@@ -36,24 +36,16 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import PhiedgeError
+from .artifacts import MANIFEST, SIGNATURE
+from .errors import KeyFileError, SignatureError
 from .workspace import check_output
 
-SIGNATURE = "manifest.json.minisig"  # minisign's own name for a detached signature of manifest.json
 ALG, PREHASHED = b"Ed", b"ED"
 KDF_NONE, KDF_SCRYPT, CHK_ALG = b"\0\0", b"Sc", b"B2"
 PUBLIC_BYTES = 2 + 8 + 32  # alg, key id, key
 SECRET_BYTES = 2 + 2 + 2 + 32 + 8 + 8 + 8 + 64 + 32  # alg, kdf, chk alg, salt, ops, mem, key id, key, checksum
 UNTRUSTED, TRUSTED = "untrusted comment: ", "trusted comment: "
 MAX_FILE = 1 << 16  # keys and signatures are a few hundred bytes; anything larger is not one
-
-
-class KeyFileError(PhiedgeError):
-    """A key file is missing, unreadable, or not a key of the kind asked for."""
-
-
-class SignatureError(PhiedgeError):
-    """A bundle's signature is missing, from another key, malformed, or does not match its manifest."""
 
 
 @dataclass(frozen=True)
@@ -270,7 +262,7 @@ def read_signature(path: Path) -> bytes | None:
     return path.read_bytes()
 
 
-def check_bundle(root: Path, manifest: bytes | None, trust: PublicKey | None, name: str = "manifest.json") -> dict:
+def check_bundle(root: Path, manifest: bytes | None, trust: PublicKey | None, name: str = MANIFEST) -> dict:
     """What verify reports about a bundle's signature; with a trusted key, refuse anything but its signature.
 
     `manifest` is the manifest's bytes as read once by the caller, who parses those same bytes."""

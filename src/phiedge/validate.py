@@ -8,35 +8,22 @@ the change in the probability of the correct token; the perplexity of both; the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
-from . import dequant_reference, genai_config, model_safety
-from .checkpoint import synth_record
-from .errors import PhiedgeError
+from . import catalog, dequant_reference, model_safety
+from .artifacts import GENAI_CONFIG, REPORT, ModelFolder
+from .catalog import pydantic_problems
+from .checkpoint import inspect, synth_record
+from .errors import ConfigError, ModelError, NotEnforced, ValidationFailed
 from .reference import PROMPTS, greedy_metrics, load_reference
 from .schema import DequantizedSettings, Int4Settings, Thresholds, ValidationSettings
 
-REPORT = "validation.json"
+__all__ = ["REPORT", "validate", "validate_build"]
 ROWS_PER_CHUNK = 64  # softmax over a 200k vocabulary, 64 positions at a time, in float64
-
-
-class ValidationFailed(PhiedgeError):
-    """A metric crossed its threshold; the message names each one and by how much."""
-
-
-class NotEnforced(PhiedgeError):
-    """Nothing was held to a threshold: the numbers were measured, but no verdict was reached.
-
-    Its own exit status (not 0, which means the thresholds were met, nor 1, crossed), so a script that
-    gates on `phiedge validate` never reads "not checked" as "passed".
-    """
-
-    exit_code = 3
 
 
 @dataclass
@@ -73,12 +60,15 @@ def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, tar
         sums.n += len(t)
 
 
-def logits_every_position(model_file: Path) -> bool:
+def logits_every_position(model: Path | ModelFolder) -> bool:
     """Whether the graph gives logits for every input position, or for the last one only (the builder's
-    prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab])."""
-    from .budget import load_graph
+    prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab]). model: an ONNX file or a folder."""
+    if not isinstance(model, ModelFolder):
+        import onnx
 
-    graph = load_graph(model_file).graph
+        graph = onnx.load(str(model), load_external_data=False).graph
+    else:
+        graph = model.graph.graph
     logits = next(o for o in graph.output if o.name == "logits")
     return logits.type.tensor_type.shape.dim[1].dim_value != 1
 
@@ -174,7 +164,7 @@ def enforcement(precision: str, limits: Thresholds | None, reference_dir: Path, 
     return None
 
 
-def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, settings: ValidationSettings,
+def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, precision: str, settings: ValidationSettings,
              eval_ids: list[int] | None = None, target: str | None = None,
              int4: Int4Settings | dict | None = None) -> dict:
     """Measure, compare with the thresholds for this precision, and return the report. `int4`: how the
@@ -189,15 +179,15 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
 
     from .train import eval_ids as held_out_ids
 
-    built_dir, reference_dir = Path(built_dir), Path(reference_dir)
+    folder = built_dir if isinstance(built_dir, ModelFolder) else ModelFolder(built_dir)
+    built_dir, reference_dir = folder.path, Path(reference_dir)
     model, _ = model_safety.load(built_dir)
     reference = load_reference(reference_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     ids = eval_ids if eval_ids is not None else held_out_ids(reference_dir, settings.eval_tokens)
-    config = genai_config.read(built_dir)
-    max_length = config["search"]["max_length"]
+    max_length = folder.config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
-    every = logits_every_position(built_dir / config["model"]["decoder"]["filename"])
+    every = logits_every_position(folder)
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
                **distribution_metrics(model, reference, ids, window, every)}
     del reference  # the dequantized reference takes its place in memory
@@ -210,7 +200,7 @@ def validate(built_dir: str | Path, reference_dir: str | Path, precision: str, s
     failed = (failures if note is None else []) + dequantized["failures"]
     return {
         "built": str(built_dir), "reference": str(reference_dir), "precision": precision, "target": target,
-        "size_bytes": sum(f.stat().st_size for f in built_dir.iterdir() if f.is_file()),
+        "size_bytes": folder.size_bytes(),
         "metrics": metrics, "thresholds": (limits or Thresholds()).model_dump(), "failures": failures,
         "enforced": note is None, "dequantized": dequantized,
         "passed": False if failed else (True if held else None), "note": note,
@@ -239,20 +229,13 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
                    precision: str | None = None, overrides: dict | None = None,
                    text_file: str | Path | None = None) -> dict:
     """Validate a folder written by `phiedge build`, with its target's settings unless told otherwise."""
-    from . import catalog
-    from .build import RECORD
-    from .catalog import pydantic_problems
-    from .checkpoint import inspect
-    from .errors import ConfigError, ModelError
-
-    built_dir = Path(built_dir)
-    if not (built_dir / "genai_config.json").is_file():
-        raise ModelError(f"{built_dir} is not a built model folder (no genai_config.json)")
+    folder = ModelFolder(built_dir)
+    if not (folder.path / GENAI_CONFIG).is_file():
+        raise ModelError(f"{folder.path} is not a built model folder (no {GENAI_CONFIG})")
     inspect(reference_dir)
-    record_path = built_dir / RECORD
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    target = catalog.find_target(target_name or record.get("target", "cpu"))
-    precision = precision or record.get("precision") or target.precision
+    record = folder.record
+    target = catalog.find_target(target_name or (record.target if record else "cpu"))
+    precision = precision or (record.precision if record else None) or target.precision
     try:
         settings = with_overrides(target.validation, precision, overrides or {})
     except ValidationError as exc:
@@ -270,7 +253,7 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]
-    return validate(built_dir, reference_dir, precision, settings, ids, target.name, record.get("int4"))
+    return validate(folder, reference_dir, precision, settings, ids, target.name, record and record.int4)
 
 
 def summary_lines(report: dict) -> list[str]:

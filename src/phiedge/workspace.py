@@ -17,14 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import PhiedgeError
+from .errors import OutputError
 from .progress import Progress
 
 LEFTOVERS = ("partial", "old")  # .NAME.partial-PID (being written), .NAME.old-PID (being replaced)
-
-
-class OutputError(PhiedgeError):
-    """The output path cannot be written."""
 
 
 def check_output(out: Path, force: bool) -> None:
