@@ -127,14 +127,15 @@ def targets(as_json):
 
     data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
              "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
-             "int4_method": t.int4.method, "quantizer": t.int4.quantizer, "table": t.int4.embeddings,
-             "lm_head_bits": t.int4.lm_head_bits,
+             "int4_method": t.int4.method, "quantizer": t.int4.quantizer, "calibrate": t.int4.calibrate,
+             "table": t.int4.embeddings, "lm_head_bits": t.int4.lm_head_bits, "eight_bit": t.int4.eight_bit,
              "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
              "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
              "validated_here": t.runs_here,
              "description": t.description} for t in found().values()]
     emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "int4_method", "quantizer",
-                                     "table", "context_cap", "ram_gb", "threads", "layout", "validated_here"]))
+                                     "calibrate", "table", "lm_head_bits", "context_cap", "ram_gb", "threads",
+                                     "layout", "validated_here"]))
 
 
 @cli.command()
