@@ -33,6 +33,23 @@ LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
 # pass of the whole checkpoint in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini).
 TOKENS = 8192
 WINDOW = 512
+# Windows run through the model together: each group loads every layer once more (cheap beside the compute), and
+# its activations (at Phi-4-mini's widths about 0.3 GB a window in the MLP and attention) are all that grows.
+GROUP = 4
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_freed_tensors() -> None:
+    """Have glibc hand large freed blocks straight back: every layer's fp32 weights and activations are
+    freed after it runs, and with glibc's adaptive threshold they stay in the heap, fragmenting it, so the
+    process's resident size grows layer after layer. A fixed 1 MiB threshold mmaps each large block."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):  # not glibc: its own allocator's behaviour
+        pass
 
 
 def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS, window: int = WINDOW,
@@ -63,15 +80,19 @@ def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: 
     for name, module in model.model.layers.named_modules():
         if isinstance(module, torch.nn.Linear):
             module.register_forward_pre_hook(lambda _m, args, key=f"model.layers.{name}": add(key, args[0]))
+    groups = [batch[i:i + GROUP] for i in range(0, batch.shape[0], GROUP)]
     layers = config.num_hidden_layers
-    bar = progress.bar(layers, "calibrate") if progress is not None else None
+    bar = progress.bar(layers * len(groups), "calibrate") if progress is not None else None
     if bar is not None:
         for layer in model.model.layers:
             layer.register_forward_hook(lambda *_: (bar.update(1), None)[1])  # a hook's return replaces the output
     try:
-        with torch.no_grad():
-            hidden = model.model(input_ids=batch).last_hidden_state  # the LM head's input; its logits are not needed
-        add(LM_HEAD_KEY, hidden)
+        return_freed_tensors()
+        for group in groups:
+            with torch.no_grad():
+                hidden = model.model(input_ids=group).last_hidden_state  # the LM head's input; not its logits
+            add(LM_HEAD_KEY, hidden)
+            del hidden
     finally:
         if bar is not None:
             bar.close()
