@@ -54,7 +54,7 @@ def measure(folder: Path, reference: str, int4: Int4Settings, settings: Dequanti
     model, _ = load(str(folder))
     every = logits_every_position(folder / "model.onnx")
     started = time.perf_counter()
-    report = dequant_reference.compare(lambda ids: built_logits(model, ids, every), folder, reference, "int4",
+    report = dequant_reference.compare(lambda ids: built_logits(model, ids, every), reference, "int4",
                                        int4, settings, eval_ids(reference, settings.eval_tokens), window)
     return {**report["metrics"], "seconds": round(time.perf_counter() - started, 1)}
 

@@ -126,15 +126,24 @@ def check(values: dict, settings: DequantizedSettings) -> list[str]:
     return failures
 
 
-def compare(built: Logits, built_dir: str | Path, reference_dir: str | Path, precision: str,
-            int4: Int4Settings | dict | None, settings: DequantizedSettings, ids: list[int], window: int) -> dict:
+def importance_for(built_dir: str | Path, reference_dir: str | Path, precision: str,
+                   int4: Int4Settings | dict | None) -> dict | None:
+    """A calibrated build's importance, from its folder (checked against the checkpoint), or None. Read before
+    anything is measured, so a missing or damaged file fails at once."""
+    if not_applicable(precision, int4) is not None:
+        return None
+    int4 = int4 if isinstance(int4, Int4Settings) else Int4Settings(**int4)
+    return calibrate.load(Path(built_dir) / calibrate.IMPORTANCE, reference_dir) if int4.calibrate else None
+
+
+def compare(built: Logits, reference_dir: str | Path, precision: str, int4: Int4Settings | dict | None,
+            settings: DequantizedSettings, ids: list[int], window: int, importance: dict | None = None) -> dict:
     """The dequantized check's report: its metrics, thresholds and failures, always enforced; or why it
-    does not apply to this build. A calibrated build's importance is read from its folder."""
+    does not apply to this build. `importance`: a calibrated build's (importance_for)."""
     why = not_applicable(precision, int4)
     if why is not None:
         return {"applies": False, "why": why, "failures": [], "passed": None}
     int4 = int4 if isinstance(int4, Int4Settings) else Int4Settings(**int4)
-    importance = calibrate.load(Path(built_dir) / calibrate.IMPORTANCE, reference_dir) if int4.calibrate else None
     values = metrics(load(reference_dir, int4, importance=importance), built, ids[:settings.eval_tokens], window)
     failures = check(values, settings)
     return {"applies": True, "metrics": values, "thresholds": settings.maxima(), "failures": failures,
