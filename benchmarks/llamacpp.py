@@ -86,6 +86,9 @@ ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
      {"block_size": 32, "quantizer": "mse", "embeddings": "int8", "lm_head_bits": 4}),
     ("b32 mse --calibrate, int8 table", "int4",
      {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "int8", "lm_head_bits": 4}),
+    ("b32 mse --calibrate, one shared 8-bit table, 8-bit qkv_proj in layer 0", "int4",
+     {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8,
+      "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}),
     ("b32 mse --calibrate, one shared 8-bit table", "int4",
      {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
 ]
