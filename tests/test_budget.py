@@ -52,12 +52,13 @@ def test_weight_accounting_matches_the_files(builds, checkpoints):
 
 def ideal_bytes(checkpoint: str) -> int:
     """The cpu target's int4 weights of a checkpoint, from its config's shapes alone: each matrix at its bits a
-    weight plus one fp32 scale a block (symmetric: no zero points), the tied table twice (an int8 table, a 4-bit
-    LM head), norms in fp32."""
+    weight plus one fp32 scale a block (symmetric: no zero points), the tied table once at the LM head's 8 bits
+    (shared), layer 0's qkv_proj at 8 bits, norms in fp32."""
     from phiedge.checkpoint import parameter_shapes
 
     int4 = catalog.find_target("cpu").int4
-    assert (int4.block_size, int4.symmetric, int4.embeddings, int4.lm_head_bits) == (128, True, "int8", 4)
+    assert (int4.block_size, int4.symmetric, int4.embeddings, int4.lm_head_bits, int4.eight_bit) == \
+        (128, True, "shared", 8, ["model.layers.0.self_attn.qkv_proj"])
 
     def matrix(rows: int, cols: int, bits: int) -> int:
         return rows * cols * bits // 8 + rows * math.ceil(cols / int4.block_size) * 4
@@ -65,7 +66,9 @@ def ideal_bytes(checkpoint: str) -> int:
     total = 0
     for name, shape in parameter_shapes(json.loads((Path(checkpoint) / "config.json").read_text())).items():
         if name == "model.embed_tokens.weight":
-            total += matrix(*shape, 8) + matrix(*shape, 4)
+            total += matrix(*shape, 8)
+        elif name == "model.layers.0.self_attn.qkv_proj.weight":
+            total += matrix(*shape, 8)
         else:
             total += matrix(*shape, 4) if len(shape) == 2 else 4 * math.prod(shape)
     return total

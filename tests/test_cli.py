@@ -57,7 +57,8 @@ def test_targets_lists_cpu(runner):
     assert (shown["android"]["provider"], shown["android"]["ram_gb"], shown["android"]["context_cap"]) == ("cpu", 8, 2048)
     assert (shown["windows-dml"]["provider"], shown["windows-dml"]["validated_here"]) == ("dml", False)
     assert (shown["cpu"]["int4_method"], shown["cpu"]["table"], shown["windows-dml"]["table"]) == \
-        ("stream", "int8", "float")
+        ("stream", "shared", "float")
+    assert (shown["cpu"]["quantizer"], shown["cpu"]["calibrate"], shown["cpu"]["lm_head_bits"]) == ("mse", True, 8)
     table = runner.invoke(cli, ["targets"]).output
     assert "ram_gb" in table and "ios" in table and "int4_method" in table
 

@@ -112,9 +112,10 @@ def matmul_weights(folder: Path) -> dict[str, list[bytes]]:
 def test_stream_build_has_the_builders_int4_weights(checkpoints, tmp_path, symmetric):
     """Same kernel, same weights: the stream method changes how much memory the build takes, not the model."""
     ckpt = checkpoints["phi-4-mini"]
-    int4 = {"block_size": 32, "symmetric": symmetric, "embeddings": "float"}
+    int4 = {"block_size": 32, "symmetric": symmetric, "embeddings": "float", "lm_head_bits": 4}
     build(ckpt, "cpu", tmp_path / "b", BuildOptions(int4={**int4, "method": "builder"}, validate=False))
-    record = build(ckpt, "cpu", tmp_path / "s", BuildOptions(int4={**int4, "method": "stream"}, validate=False))
+    stream = {**int4, "method": "stream", "quantizer": "rtn", "calibrate": False, "eight_bit": []}  # the builder's rounding
+    record = build(ckpt, "cpu", tmp_path / "s", BuildOptions(int4=stream, validate=False))
     builder, stream = matmul_weights(tmp_path / "b"), matmul_weights(tmp_path / "s")
     assert len(stream) == 2 * 5 + 1  # fused qkv, o, gate, up, down in each layer, and the LM head
     assert builder == stream
@@ -124,14 +125,14 @@ def test_stream_build_has_the_builders_int4_weights(checkpoints, tmp_path, symme
 def test_stream_embedding_table_is_gather_block_quantized(builds):
     import onnx
 
-    built = builds("phi-4-mini", "int4")  # the cpu target: stream, int8 table
+    built = builds("phi-4-mini", "int4")  # the cpu target: stream, one 8-bit table shared with the LM head
     model = onnx.load(str(built / "model.onnx"), load_external_data=False)
     gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and "input_ids" in gathers[0].input
     assert {a.name: a.i for a in gathers[0].attribute}["bits"] == 8
     assert not any(t.name == prequant.EMBEDDING for t in model.graph.initializer)  # no float table left
     record = json.loads((built / "phiedge_build.json").read_text())
-    assert record["int4"]["embeddings"] == "int8" and record["validation"] is not None
+    assert record["int4"]["embeddings"] == "shared" and record["validation"] is not None
 
 
 def test_phi2_falls_back_to_the_builder_unless_stream_was_asked_for(checkpoints, tmp_path):

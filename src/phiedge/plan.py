@@ -104,6 +104,12 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         problems.extend(f"threshold {p}" for p in pydantic_problems(exc))
     if options.calibration is not None and not Path(options.calibration).is_file():
         problems.append(f"calibration file {options.calibration} does not exist")
+    why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
+    if why and any(key in options.int4 for key in ("method", *method_defaults("stream"))):
+        problems.append(f"int4 method stream: {why}")
+    elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
+        int4 = int4.model_copy(update=BUILDER_METHOD)
+        notes.append(f"int4 method builder instead of the target's stream: {why}")
     if olive_config.streamed(precision, int4) and int4.embeddings == prequant.SHARED \
             and not checkpoint.config.get("tie_word_embeddings"):
         untied = "the checkpoint's LM head is not its embedding table (tie_word_embeddings is false)"
@@ -112,12 +118,6 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         else:  # the target's default: a table of its own at the LM head's bits
             int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
             notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
-    why = prequant.unsupported(checkpoint.config, checkpoint.path) if olive_config.streamed(precision, int4) else None
-    if why and any(key in options.int4 for key in ("method", *method_defaults("stream"))):
-        problems.append(f"int4 method stream: {why}")
-    elif why:  # the target's default: fall back to the builder's own quantization of the fp32 graph
-        int4 = int4.model_copy(update=BUILDER_METHOD)
-        notes.append(f"int4 method builder instead of the target's stream: {why}")
     if olive_config.streamed(precision, int4) and not why and int4.eight_bit:
         _, unmatched = prequant.eight_bit_matrices(prequant.Weights(checkpoint.path).names(), int4.eight_bit)
         problems.extend(f"int4 eight_bit pattern {p!r} matches no layer matrix of the checkpoint" for p in unmatched)
