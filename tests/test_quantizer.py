@@ -195,7 +195,8 @@ def test_stream_build_writes_the_searched_weights_and_the_eight_bit_policy(check
     from phiedge.build import BuildOptions, build
 
     ckpt = Path(checkpoints["phi-4-mini"])
-    int4 = {"quantizer": "mse", "eight_bit": ["model.layers.0.mlp.down_proj"]}
+    int4 = {"quantizer": "mse", "eight_bit": ["model.layers.0.mlp.down_proj"], "calibrate": False,
+            "embeddings": "int8", "lm_head_bits": 4}  # unweighted search; the only 8-bit matrix the one named
     record = build(ckpt, "cpu", tmp_path / "m", BuildOptions(int4=int4))
     assert record["int4"]["quantizer"] == "mse" and record["int4"]["eight_bit"] == int4["eight_bit"]
     assert record["validation"] is not None
@@ -237,9 +238,10 @@ def test_quantizer_option_is_checked_at_the_cli(runner, checkpoints, tmp_path):
 
 
 def test_phone_targets_build_with_mse(builds):
-    """android and ios default to mse (measured better at their block 32); the build record says so."""
+    """android and ios build with the calibrated mse policy at their block 32; the build record says so."""
     record = json.loads((builds("phi-4-mini", "int4", "android") / "phiedge_build.json").read_text())
-    assert (record["int4"]["quantizer"], record["int4"]["block_size"]) == ("mse", 32)
+    assert (record["int4"]["quantizer"], record["int4"]["calibrate"], record["int4"]["block_size"]) == ("mse", True, 32)
+    assert record["calibration"]["tokens"] > 0 and record["validation"]["dequantized"]["passed"]
     from phiedge import catalog
 
-    assert catalog.find_target("ios").int4.quantizer == "mse" and catalog.find_target("cpu").int4.quantizer == "rtn"
+    assert all(catalog.find_target(t).int4.quantizer == "mse" for t in ("ios", "cpu"))

@@ -16,6 +16,7 @@ IMPORTANCE, so that validation re-creates exactly the weights the build wrote (d
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -23,10 +24,11 @@ import numpy as np
 
 from .corpus import calibration_ids
 from .errors import BuildError, ModelError
-from .prequant import LM_HEAD, Weights, is_linear
+from .prequant import LM_HEAD, Weights, check_shapes, is_linear
 from .reference import load_reference
 
 IMPORTANCE = "phiedge_importance.safetensors"
+METADATA = "phiedge_calibration"  # the safetensors metadata key holding what the importance was collected from
 LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
 # 16 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares
 # stop moving from about 4096 tokens on (benchmarks/RESULTS.md, "Calibration"), and every token costs a forward
@@ -69,6 +71,7 @@ def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: 
         raise BuildError(f"the calibration text {text_file} gives {len(ids)} token(s): too little to calibrate on")
     width = min(window, len(ids))
     batch = torch.tensor([ids[i:i + width] for i in range(0, len(ids) - width + 1, width)])
+    check_shapes(Weights(model_dir), config.to_dict())  # a wrong header is one line here, not torch's error
     model = load_reference(model_dir, layerwise=True)
     sums: dict[str, torch.Tensor] = {}
 
@@ -107,7 +110,10 @@ def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: 
 def save(path: Path, importance: dict[str, np.ndarray], run: dict) -> None:
     from safetensors.numpy import save_file
 
-    save_file(importance, str(path), metadata={k: str(v) for k, v in run.items() if k != "seconds"})
+    # one metadata key: safetensors writes its metadata map in hash order, which would make two identical builds'
+    # files (and bundles) differ
+    described = {k: v for k, v in run.items() if k != "seconds"}
+    save_file(importance, str(path), metadata={METADATA: json.dumps(described, sort_keys=True)})
 
 
 def describe(path: Path) -> dict | None:
@@ -117,9 +123,8 @@ def describe(path: Path) -> dict | None:
     if not path.is_file():
         return None
     with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-    return {"file": path.name, "source": meta.get("source"),
-            **{k: int(meta[k]) for k in ("tokens", "windows", "window") if k in meta}}
+        meta = json.loads((f.metadata() or {}).get(METADATA, "{}"))
+    return {"file": path.name, **{k: meta.get(k) for k in ("source", "tokens", "windows", "window")}}
 
 
 def load(path: Path, model_dir: str | Path) -> dict[str, np.ndarray]:
