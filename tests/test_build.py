@@ -279,7 +279,10 @@ def test_a_stopped_build_stops_olive_and_leaves_nothing(checkpoints, tmp_path, c
     proc = subprocess.Popen([sys.executable, "-c", "from phiedge.cli import cli; cli()", "build", "--model",
                              checkpoints["phi-4-mini"], "--target", "cpu", "--precision", "fp32", "--no-validate",
                              "-q", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            # as from a terminal: a shell script's background job (`pytest &`) starts with SIGINT
+                            # ignored, and a child inherits that, so Ctrl-C would never reach phiedge
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while (child := olive_child(proc.pid)) is None:
