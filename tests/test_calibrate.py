@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from phiedge import calibrate, dequant_reference, prequant, quantizer
-from phiedge.build import BuildOptions, build
 from phiedge.cli import cli
 from phiedge.corpus import calibration_ids
 from phiedge.schema import Int4Settings
@@ -20,10 +19,9 @@ CALIBRATED = {"quantizer": "mse", "calibrate": True}
 
 
 @pytest.fixture(scope="module")
-def calibrated(checkpoints, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("calibrated") / "build"
-    build(checkpoints["phi-4-mini"], "cpu", out, BuildOptions(int4=CALIBRATED))
-    return out
+def calibrated(builds) -> Path:
+    """The cpu target's int4 build, calibrated by default (the session's build, reused)."""
+    return builds("phi-4-mini", "int4")
 
 
 def test_importance_is_each_inputs_mean_square(checkpoints):
@@ -51,7 +49,7 @@ def test_importance_is_each_inputs_mean_square(checkpoints):
     assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0) and down.std() > 0
 
 
-def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoints):
+def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoints, tmp_path):
     """The build folder holds the importance and the record says where it came from; the stored weights are
     the importance-weighted search's (not the unweighted one's), and validation re-created them."""
     from safetensors import safe_open
@@ -70,17 +68,17 @@ def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoint
     weighted = quantizer.quantize(w, 4, 128, True, "mse", importance[name])[0]
     plain = quantizer.quantize(w, 4, 128, True, "mse")[0]
     assert not np.array_equal(weighted, plain)
-    transform = dequant_reference.dequantizer(Int4Settings(method="stream", block_size=128, embeddings="int8",
-                                                           **CALIBRATED), importance)
+    transform = dequant_reference.dequantizer(Int4Settings(method="stream", block_size=128, embeddings="shared",
+                                                           lm_head_bits=8, **CALIBRATED), importance)
     expected = quantizer.dequantize(weighted, quantizer.quantize(w, 4, 128, True, "mse", importance[name])[1], None,
                                     4, 128, tuple(w.shape))
     assert np.array_equal(transform(name + ".weight", w.float()).numpy(), expected)
     with safe_open(str(calibrated / calibrate.IMPORTANCE), framework="np") as f:
         assert list(f.metadata()) == [calibrate.METADATA]  # one key: a map of several is written in hash order
-    again = calibrated.parent / "again"
+    again = tmp_path / "again"
     calibrate.save(again, importance, {"tokens": 5, "source": "x", "window": 1, "windows": 5, "seconds": 1.0})
-    calibrate.save(calibrated.parent / "again2", importance, {"windows": 5, "window": 1, "source": "x", "tokens": 5})
-    assert again.read_bytes() == (calibrated.parent / "again2").read_bytes()
+    calibrate.save(tmp_path / "again2", importance, {"windows": 5, "window": 1, "source": "x", "tokens": 5})
+    assert again.read_bytes() == (tmp_path / "again2").read_bytes()
 
 
 def test_validation_needs_the_importance_the_build_used(calibrated, checkpoints, runner, tmp_path):
