@@ -40,10 +40,13 @@ def token_stream(tokenizer, files: list[Path]) -> list[int]:
 def calibration_ids(tokenizer, n_tokens: int, text_file: Path | None = None) -> list[int]:
     """The first n_tokens of calibration text in the model's tokenizer: a user's file, or the training split
     (never the held-out one, which validation scores)."""
-    if text_file is not None:
-        return token_stream(tokenizer, [Path(text_file)])[:n_tokens]
+    return first_tokens(tokenizer, [Path(text_file)] if text_file is not None else split_files()[0], n_tokens)
+
+
+def first_tokens(tokenizer, files: list[Path], n_tokens: int) -> list[int]:
+    """The first n_tokens of token_stream over the files, tokenizing only as many files as that takes."""
     ids: list[int] = []
-    for f in split_files()[0]:
+    for f in files:
         ids += token_stream(tokenizer, [f])
         if len(ids) >= n_tokens:
             break

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import SYNTH_FILE, weight_digests
-from .corpus import split_files, token_stream
+from .corpus import first_tokens, split_files, token_stream
 from .synth import Shrink, synth
 from .workspace import staged_dir
 
@@ -27,12 +27,7 @@ def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    ids: list[int] = []
-    for f in split_files()[1]:
-        ids += token_stream(tokenizer, [f])
-        if len(ids) >= n_tokens:
-            break
-    return ids[:n_tokens]
+    return first_tokens(tokenizer, split_files()[1], n_tokens)
 
 
 def train(out: str | Path, like: str = "phi-4-mini", shrink: Shrink = TRAIN_SHRINK, steps: int = 600,
