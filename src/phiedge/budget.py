@@ -7,19 +7,14 @@ phones; at a 4096 cap, 1.07 GB.
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 
-from . import genai_config
+from .artifacts import ModelFolder
+from .checkpoint import kv_cache_bytes
+from .graph_check import graphs
 from .schema import Device
 
 ELEMENT_BYTES = {1: 4, 10: 2, 16: 2}  # ONNX elem_type: float, float16, bfloat16
-
-
-def load_graph(model_file: Path):
-    """The graph of an ONNX file without its external weights (what every check here reads)."""
-    import onnx
-
-    return onnx.load(str(model_file), load_external_data=False)
 
 
 def kv_element_bytes(model) -> int:
@@ -30,15 +25,13 @@ def kv_element_bytes(model) -> int:
     return 4
 
 
-def estimate(model_dir: Path, model=None) -> dict:
-    """Bytes of the weights on disk and of the KV cache at the folder's max_length (model: the loaded graph)."""
-    model_dir = Path(model_dir)
-    config = genai_config.read(model_dir)
-    decoder = config["model"]["decoder"]
-    max_length = config["search"]["max_length"]
-    weights = sum(p.stat().st_size for p in model_dir.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
-    kv = (2 * decoder["num_hidden_layers"] * decoder["num_key_value_heads"] * decoder["head_size"] * max_length
-          * kv_element_bytes(model or load_graph(model_dir / decoder["filename"])))
+def estimate(folder: ModelFolder) -> dict:
+    """Bytes of the weights on disk and of the KV cache at the folder's max_length."""
+    decoder = folder.decoder
+    max_length = folder.config["search"]["max_length"]
+    weights = sum(p.stat().st_size for p in folder.path.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+    kv = kv_cache_bytes(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"],
+                        max_length, kv_element_bytes(folder.graph))
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "max_length": max_length, "total_bytes": weights + kv}
 
 
@@ -57,7 +50,7 @@ def check(usage: dict, device: Device | None, target: str) -> tuple[dict, str | 
                      f"{device.ram_gb:g} GB); lower --context-cap or pick a smaller model")
 
 
-def weight_accounting(model_file: Path, model=None) -> dict:
+def weight_accounting(folder: ModelFolder) -> dict:
     """Where the bytes of a model's weights go, and how far the files are from the ideal int4 size.
 
     Ideal: every MatMulNBits matrix and GatherBlockQuantized table at its bits per weight plus one scale (and
@@ -65,12 +58,8 @@ def weight_accounting(model_file: Path, model=None) -> dict:
     precision it was written in. The
     external data file should hold exactly that, plus alignment padding.
     """
-    import math
-
-    from .graph_check import graphs
-
-    model_file = Path(model_file)
-    graph = (model or load_graph(model_file)).graph
+    model_file = folder.decoder_file
+    graph = folder.graph.graph
     sizes = {}
     for init in graph.initializer:
         length = next((int(e.value) for e in init.external_data if e.key == "length"), None)

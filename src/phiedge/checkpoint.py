@@ -34,6 +34,11 @@ def head_dim(config: dict) -> int:
     return int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
 
 
+def kv_cache_bytes(layers: int, kv_heads: int, head_size: int, tokens: int, element_bytes: int) -> int:
+    """The KV cache a runtime allocates: key and value, for every layer, KV head and position."""
+    return 2 * layers * kv_heads * head_size * tokens * element_bytes
+
+
 def linear_widths(config: dict) -> dict[str, int]:
     """Output widths of every Linear layer but the LM head, by name."""
     hd, heads = head_dim(config), config["num_attention_heads"]

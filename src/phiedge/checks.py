@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import genai_config, model_safety
+from .artifacts import ModelFolder
 from .errors import BuildError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -32,11 +32,10 @@ def external_data_problems(onnx_path: Path) -> list[str]:
     return problems
 
 
-def check_model_dir(model_dir: Path) -> dict:
+def check_model_dir(folder: ModelFolder) -> dict:
     """The files ONNX Runtime GenAI needs are there and consistent; returns what it found."""
-    config = genai_config.read(model_dir)
-    decoder = config.get("model", {}).get("decoder", {})
-    filename = decoder.get("filename")
+    model_dir = folder.path
+    filename = folder.decoder_name
     if not filename or not (model_dir / filename).is_file():
         raise BuildError(f"genai_config.json names model file {filename!r}, which is not in {model_dir}")
     missing = [f for f in TOKENIZER_FILES if not (model_dir / f).is_file()]
@@ -46,19 +45,3 @@ def check_model_dir(model_dir: Path) -> dict:
     if problems:
         raise BuildError(f"{model_dir / filename}: {problems[0]}")
     return {"model_file": filename, "files": sorted(p.name for p in model_dir.iterdir() if p.is_file())}
-
-
-def smoke_generate(model_dir: Path, n_tokens: int = 4) -> list[int]:
-    """Load with ONNX Runtime GenAI and generate a few tokens: the model is usable, not just present."""
-    from .generate import generate, load
-
-    model_safety.check_model_folder(model_dir)  # outside the try: a refusal is not a load failure
-    try:
-        model, tokenizer = load(str(model_dir))
-        prompt = list(tokenizer.encode("def main():"))
-        tokens = list(generate(model, prompt, max_new_tokens=n_tokens))
-    except Exception as exc:  # onnxruntime-genai raises plain RuntimeError for every load failure
-        raise BuildError(f"the built model does not load or run in onnxruntime-genai: {exc}") from None
-    if not tokens:
-        raise BuildError("the built model loaded but generated no token")
-    return tokens

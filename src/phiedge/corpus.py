@@ -70,3 +70,11 @@ def write_calibration(path: Path, text_file: Path | None = None, samples: int = 
         for chunk in chunks:
             out.write(json.dumps({"text": chunk}) + "\n")
     return len(chunks)
+
+
+def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:
+    """The first n_tokens of held-out stdlib text, in the model's tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    return first_tokens(tokenizer, split_files()[1], n_tokens)

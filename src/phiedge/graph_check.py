@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 from functools import lru_cache
-from pathlib import Path
 
-from . import catalog, genai_config
+from . import catalog
+from .artifacts import ModelFolder
 from .errors import BuildError
 from .schema import PROVIDERS, GraphChecks, OperatorSet
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -89,23 +89,17 @@ def unsupported(model, ops: OperatorSet) -> list[str]:
     return list(problems.values())
 
 
-def check_graph(model_dir: Path, provider: str, checks: GraphChecks, model=None) -> dict:
-    """Raise BuildError listing every problem; return what was checked, for the build record and manifest.
-
-    model: the graph already loaded (without external data); read from the folder when not given.
-    """
+def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks) -> dict:
+    """Raise BuildError listing every problem; return what was checked, for the build record and manifest."""
     import onnx
 
-    config = genai_config.read(model_dir)
-    decoder = config["model"]["decoder"]
+    decoder = folder.decoder
     sets = operator_sets()
     if checks.operators not in sets:
         raise BuildError(f"operator list {checks.operators!r} not found under targets/operators/ "
                          f"(known: {', '.join(sorted(sets))})")
     ops = sets[checks.operators]
-    if model is None:
-        model = onnx.load(str(Path(model_dir) / decoder["filename"]), load_external_data=False)
-    model = onnx.shape_inference.infer_shapes(model)  # a new model: the caller's is left as it was
+    model = onnx.shape_inference.infer_shapes(folder.graph)  # a new model: the folder's is left as it was
     problems = unsupported(model, ops)
     opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
     if opset > checks.max_opset:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 from . import catalog
-from .checkpoint import head_dim
+from .checkpoint import head_dim, kv_cache_bytes
 from .errors import ConfigError
-from .prequant import ARCHITECTURES
+from .prequant import EMBEDDING_BITS, SHARED, streamable
 from .schema import Variant
 
 GB = 1024**3
@@ -25,19 +25,33 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "kmgt".index(unit) * 1024)
 
 
-def int4_footprint(v: Variant, context: int = CONTEXTS[0], block_size: int = 32) -> dict[str, int]:
-    """Bytes at run time for an int4 CPU build as the targets make it: int8 embedding table (int4 method
-    stream) for the Phi-3 family, the builder's fp32 table for the others (Phi-2)."""
+def int4_footprint(v: Variant, context: int = CONTEXTS[0], target: str = "cpu") -> dict[str, int]:
+    """Bytes at run time for an int4 build with the target's int4 settings (the cpu target's by default).
+
+    Every matrix at 4 bits plus an fp32 scale (and with asymmetric blocks a 4-bit zero point) per block; the
+    LM head at lm_head_bits; the table as method stream writes it (one shared table at lm_head_bits for a tied
+    checkpoint with embeddings shared, else int8/int4 or fp32) where the architecture streams, the builder's
+    fp32 table where it does not (Phi-2). Matrices eight_bit raises are left at 4 bits: a few MB at most."""
+    s = catalog.find_target(target).int4
     cfg = v.config
     embed = cfg["vocab_size"] * cfg["hidden_size"]
-    quantized = v.params - embed  # layers and (untied or tied-copy) LM head
-    if cfg.get("tie_word_embeddings"):
-        quantized += embed  # the tied LM head is written as its own int4 MatMul
-    streamed = (cfg.get("architectures") or [""])[0] in ARCHITECTURES
-    table = embed * (1 + 4 / block_size) if streamed else embed * 4  # int8 + an fp32 scale per block, or fp32
-    weights = int(quantized * (4 + 32 / block_size) / 8 + table)
+    layers = v.params - embed - (0 if cfg.get("tie_word_embeddings") else embed)  # every decoder matrix
+
+    def at(bits: int, n: int) -> float:
+        return n * (bits + 32 / s.block_size + (0 if s.symmetric else 4 / s.block_size)) / 8
+
+    streamed = s.method == "stream" and streamable(cfg)
+    if not streamed:
+        table, head = embed * 4, at(4, embed)
+    elif s.embeddings == SHARED and cfg.get("tie_word_embeddings"):
+        table, head = 0, at(s.lm_head_bits, embed)  # stored once, read by the lookup and the LM head
+    else:
+        table = embed * 4 if s.embeddings == "float" else at(EMBEDDING_BITS[s.embeddings if s.embeddings in
+                                                                             EMBEDDING_BITS else "int8"], embed)
+        head = at(s.lm_head_bits, embed)
+    weights = int(at(4, layers) + head + table)
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    kv_cache = 2 * cfg["num_hidden_layers"] * kv_heads * head_dim(cfg) * context * 4
+    kv_cache = kv_cache_bytes(cfg["num_hidden_layers"], kv_heads, head_dim(cfg), context, 4)
     return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache + int(RUNTIME_OVERHEAD)}
 
 

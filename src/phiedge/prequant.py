@@ -38,58 +38,21 @@ LINEAR_SUFFIXES = (".qkv_proj.weight", ".o_proj.weight", ".gate_up_proj.weight",
                    ".q_proj.weight", ".k_proj.weight", ".v_proj.weight", ".gate_proj.weight", ".up_proj.weight")
 
 
+def streamable(config: dict) -> bool:
+    """Whether the builder reads this architecture's quantized checkpoints (what method stream writes)."""
+    return (config.get("architectures") or ["?"])[0] in ARCHITECTURES
+
+
 def unsupported(config: dict, folder: Path) -> str | None:
     """Why this checkpoint cannot be quantized matrix by matrix, or None."""
     arch = (config.get("architectures") or ["?"])[0]
-    if arch not in ARCHITECTURES:
+    if not streamable(config):
         return f"{arch} is not read by the builder's quantized-checkpoint path (Phi-3 family only)"
     if "quantization_config" in config:
         return "the checkpoint is already quantized"
     if not any(Path(folder).glob("*.safetensors")):
         return "its weights are not in safetensors files"
     return None
-
-
-class Rows:
-    """One tensor of a safetensors file, read a slice of rows at a time.
-
-    The file is opened (memory-mapped) for each read and closed after it, so the pages read do not stay
-    mapped: resident memory holds the rows being quantized, not the checkpoint.
-    """
-
-    def __init__(self, path: Path, name: str, shape: list[int]):
-        self.path, self.name, self.shape = path, name, tuple(shape)
-
-    def __getitem__(self, rows: slice):
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), framework="pt") as f:
-            return f.get_slice(self.name)[rows].clone()
-
-    def read(self):
-        return self[0: self.shape[0]] if self.shape else self[...]
-
-
-class Weights:
-    """Where each tensor of a checkpoint's safetensors files is, by name."""
-
-    def __init__(self, folder: Path):
-        from safetensors import safe_open
-
-        self.tensors: dict[str, Rows] = {}
-        for path in sorted(Path(folder).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():
-                    self.tensors[name] = Rows(path, name, f.get_slice(name).get_shape())
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def rows(self, name: str) -> Rows:
-        return self.tensors[name]
-
-    def tensor(self, name: str):
-        return self.tensors[name].read()
 
 
 def release_memory() -> None:

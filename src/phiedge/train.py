@@ -22,14 +22,6 @@ from .workspace import staged_dir
 TRAIN_SHRINK = Shrink(layers=2, heads=3, kv_heads=1, intermediate=768, vocab=4096)
 
 
-def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:
-    """The first n_tokens of held-out stdlib text, in the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return first_tokens(tokenizer, split_files()[1], n_tokens)
-
-
 def train(out: str | Path, like: str = "phi-4-mini", shrink: Shrink = TRAIN_SHRINK, steps: int = 600,
           batch: int = 16, seq_len: int = 128, lr: float = 3e-3, seed: int = 0, force: bool = False,
           progress=None) -> dict:
