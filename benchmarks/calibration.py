@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from phiedge import calibrate
+from phiedge.quantize import calibrate
 
 
 def distance(a: np.ndarray, b: np.ndarray) -> float:

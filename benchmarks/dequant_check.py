@@ -5,7 +5,7 @@
     python benchmarks/dequant_check.py --only phi-4-mini           # checkpoints whose name has this text
 
 Each checkpoint is built with method stream (the cpu target's settings unless the row says otherwise) and
-compared by validation's own code (dequant_reference.compare, the built logits as validation reads them)
+compared by validation's own code (dequantized.compare, the built logits as validation reads them)
 with the checkpoint carrying the dequantized weights: the healthy build, then, for the checkpoints marked
 so, each fault of tests/faults.py injected into a copy of it. A threshold belongs between the largest
 healthy value and the smallest damaged one.
@@ -27,14 +27,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 import faults  # noqa: E402  (tests/faults.py: the damage the tests inject)
 from conftest import SHAPES  # noqa: E402  (the test suite's synth shapes)
 
-from phiedge import catalog, dequant_reference  # noqa: E402
-from phiedge.build import BuildOptions, build  # noqa: E402
-from phiedge.demo import DEMO_SHRINK  # noqa: E402
-from phiedge.generate import load  # noqa: E402
-from phiedge.schema import DequantizedSettings, Int4Settings  # noqa: E402
-from phiedge.synth import Shrink, synth  # noqa: E402
-from phiedge.train import eval_ids  # noqa: E402
-from phiedge.validate import built_logits, logits_every_position  # noqa: E402
+from phiedge import catalog
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.bundle.generate import load
+from phiedge.checkpoints.corpus import eval_ids
+from phiedge.checkpoints.synth import Shrink, synth
+from phiedge.checks import dequantized
+from phiedge.checks.validate import built_logits, logits_every_position
+from phiedge.demo import DEMO_SHRINK
+from phiedge.schema import DequantizedSettings, Int4Settings
 
 # (name, variant, shrink, int4 overrides of the cpu target, inject the faults)
 CHECKPOINTS = [
@@ -54,7 +56,7 @@ def measure(folder: Path, reference: str, int4: Int4Settings, settings: Dequanti
     model, _ = load(str(folder))
     every = logits_every_position(folder / "model.onnx")
     started = time.perf_counter()
-    report = dequant_reference.compare(lambda ids: built_logits(model, ids, every), reference, "int4",
+    report = dequantized.compare(lambda ids: built_logits(model, ids, every), reference, "int4",
                                        int4, settings, eval_ids(reference, settings.eval_tokens), window)
     return {**report["metrics"], "seconds": round(time.perf_counter() - started, 1)}
 

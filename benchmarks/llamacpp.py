@@ -54,8 +54,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import measure  # noqa: E402
 
-from phiedge.synth import Shrink  # noqa: E402
-from phiedge.validate import Sums, accumulate  # noqa: E402
+from phiedge.checkpoints.synth import Shrink
+from phiedge.checks.validate import Sums, accumulate
 
 SHRINK = Shrink(layers=2, heads=6, kv_heads=2, intermediate=1536, vocab=4096)
 EVAL_TOKENS, WINDOW = 2048, 512
@@ -157,7 +157,7 @@ def quantize(src: Path, out: Path, setting: str) -> None:
 def calibration_text(out: Path) -> Path:
     """The training split's files as one text, in the order phiedge's calibration reads them: llama-imatrix
     tokenizes it with the GGUF's copy of the same tokenizer and takes its first IMATRIX_CHUNKS windows."""
-    from phiedge.corpus import split_files
+    from phiedge.checkpoints.corpus import split_files
 
     out.write_text("\n".join(f.read_text(encoding="utf-8", errors="replace") for f in split_files()[0][:40]),
                    encoding="utf-8")
@@ -192,7 +192,7 @@ def windows(ids: list[int]):
 def reference_logits(model_dir: str, ids: list[int]) -> list[np.ndarray]:
     import torch
 
-    from phiedge.reference import load_reference
+    from phiedge.checkpoints.fp32 import load_reference
 
     reference = load_reference(model_dir)
     with torch.no_grad():
@@ -263,10 +263,10 @@ def main() -> int:
         tmp = Path(tmp)
         model_dir = args.model
         if model_dir is None:
-            from phiedge.train import train
+            from phiedge.checkpoints.train import train
 
             model_dir = str(train(tmp / "trained", shrink=SHRINK, steps=args.steps)["path"])
-        from phiedge.train import eval_ids
+        from phiedge.checkpoints.corpus import eval_ids
 
         ids = eval_ids(model_dir, EVAL_TOKENS)
         src = args.llama_cpp_src or llama_cpp_source(tmp)

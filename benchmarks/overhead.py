@@ -16,8 +16,8 @@ import statistics
 import sys
 import time
 
-from phiedge.bench import generator, run_tg
-from phiedge.generate import load
+from phiedge.bench.measure import generator, run_tg
+from phiedge.bundle.generate import load
 
 
 def bare_tg(model, context: list[int], n_gen: int) -> float:

@@ -155,7 +155,8 @@ def phiedge_unpruned(model_dir: Path, out: Path, threads: int) -> Path:
     without prune_lm_head, all else (method stream, int8 table) equal. Shows what pruning the LM head is
     worth. (Through the builder directly, as before, the builder's own int4 path needs about 15 GB here.)"""
     from phiedge import catalog
-    from phiedge.build import BuildOptions, build
+    from phiedge.build.plan import BuildOptions
+    from phiedge.build.stages import build
 
     load_recipe = catalog.load_recipe
 
@@ -194,8 +195,8 @@ def onnx_bytes_per_token(model_path: Path) -> int:
 
 
 def phiedge_peer(model_dir: Path, setting: str) -> Peer:
-    from phiedge.bench import run_pp, run_tg
-    from phiedge.generate import load
+    from phiedge.bench.measure import run_pp, run_tg
+    from phiedge.bundle.generate import load
 
     def open_() -> Timers:
         model, _ = load(str(model_dir))
@@ -261,8 +262,8 @@ def llama_peer(path: Path, setting: str, threads: int) -> Peer:
 # --- Optimum + MatMulNBits -----------------------------------------------------------------------------------
 
 def optimum_int4(model_dir: Path, work: Path) -> Path:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
     import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     fp32 = work / "optimum-fp32"
     subprocess.run([str(Path(sys.executable).parent / "optimum-cli"), "export", "onnx", "--model",
@@ -357,7 +358,7 @@ def main() -> int:
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table instead of JSON lines")
     parser.add_argument("--jsonl", type=Path, help="also write the JSON lines to this file")
     args = parser.parse_args()
-    from phiedge.bench import cpu_info
+    from phiedge.bench.measure import cpu_info
 
     if args.repetitions < 1:
         parser.error("--repetitions must be at least 1")
@@ -365,7 +366,7 @@ def main() -> int:
         work = Path(work)
         model_dir = args.model
         if model_dir is None:
-            from phiedge.synth import Shrink, synth
+            from phiedge.checkpoints.synth import Shrink, synth
 
             log("synth phi-4-mini, 4 layers, real widths")
             model_dir = work / "checkpoint"

@@ -22,9 +22,10 @@ import tempfile
 from pathlib import Path
 
 from phiedge import catalog
-from phiedge.build import BuildOptions, build
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.checks.validate import validate
 from phiedge.errors import PhiedgeError
-from phiedge.validate import validate
 
 # (name, precision, int4 overrides of the cpu target[, recipe])
 SETTINGS = [
@@ -128,7 +129,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model
         if model_dir is None:
-            from phiedge.train import train
+            from phiedge.checkpoints.train import train
 
             model_dir = train(Path(tmp) / "trained", steps=args.steps)["path"]
         rows = []

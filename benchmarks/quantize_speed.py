@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from phiedge.quantizer import METHODS, quantize
+from phiedge.quantize.quantizer import METHODS, quantize
 
 HIDDEN, MLP, HEAD, KV_HEADS, VOCAB, LAYERS = 3072, 8192, 128, 8, 200064, 32
 SAMPLE_ROWS = 16384

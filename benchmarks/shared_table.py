@@ -48,7 +48,7 @@ def memory_of(folder: str) -> dict:
 def speed(folders: list[str], reps: int, pp: int, tg: int) -> dict:
     import onnxruntime_genai as og
 
-    from phiedge.bench import run_pp, run_tg
+    from phiedge.bench.measure import run_pp, run_tg
 
     models = {d: og.Model(d) for d in folders}
     ids = [(i * 7919) % 1000 + 10 for i in range(pp)]

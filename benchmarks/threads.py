@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime_genai as og
 
-from phiedge.bench import run_pp, run_tg
+from phiedge.bench.measure import run_pp, run_tg
 
 
 def load(model_dir: str, threads: int | None, workdir: Path) -> og.Model:
@@ -46,8 +46,8 @@ def one_run(model: og.Model, prompt: list[int], n_gen: int) -> tuple[float, floa
 
 
 def default_model(workdir: Path) -> str:
-    from phiedge.build import build
-    from phiedge.synth import Shrink, synth
+    from phiedge.build.stages import build
+    from phiedge.checkpoints.synth import Shrink, synth
 
     ckpt = workdir / "ckpt"
     synth("phi-4-mini", ckpt, Shrink(layers=2, vocab=32064))  # real width, 2 of 32 layers, smaller vocab

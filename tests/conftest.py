@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from phiedge.build import BuildOptions, build
-from phiedge.synth import Shrink, synth
-from phiedge.train import train
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.checkpoints.synth import Shrink, synth
+from phiedge.checkpoints.train import train
 
 TRAIN_STEPS = 300  # enough for sharp distributions (held-out perplexity far below uniform) in ~2 minutes
 

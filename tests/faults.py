@@ -98,7 +98,7 @@ def swap_rows(folder: Path, node: str = "layers.0.attn.o_proj") -> str:
 def transpose(folder: Path, node: str = "layers.0.attn.o_proj", block: int = 128) -> str:
     """A square weight stored transposed (quantized along the wrong axis), requantized so the layout is
     well-formed: the bug of handing the kernel W instead of W.T."""
-    from phiedge.quantizer import dequantize, quantize
+    from phiedge.quantize.quantizer import dequantize, quantize
 
     def change(a):
         q, s = f"{matmul(node)}.qweight", f"{matmul(node)}.scales"

@@ -83,34 +83,26 @@ def test_the_well_formed_manifest_gets_past_the_manifest(runner, tmp_path):
     one_line_error(runner.invoke(cli, ["verify", "--no-load", str(bundle)]), "model has no genai_config.json")
 
 
-PIPELINE = ["build", "validate", "olive_config", "olive_runner", "prequant", "quantizer", "package", "release",
-            "dequant_reference", "reference", "graph_fixes", "checkpoint", "synth", "train", "corpus", "tokenizer",
-            "calibrate", "demo"]
+# The pipeline's floors, lowest first: a module imports phiedge modules of its own floor or lower ones only.
+# Floor 0 is the package's root (errors, schema, catalog, artifacts, ...); the packages show the pipeline.
+FLOORS = {
+    "phiedge": 0, "phiedge.checkpoints": 1, "phiedge.quantize": 2, "phiedge.bundle": 2, "phiedge.checks": 3,
+    "phiedge.build": 4, "phiedge.bench": 5, "phiedge.models": 5, "phiedge.release": 6, "phiedge.demo": 6,
+    "phiedge.cli": 7,
+}
+# What measuring or checking a bundle must not load: the toolchain that made it.
+PIPELINE = ("phiedge.checkpoints", "phiedge.quantize", "phiedge.checks", "phiedge.build", "phiedge.release",
+            "phiedge.demo", "phiedge.bundle.package")
 
 
-def test_bench_and_verify_import_nothing_of_the_build_pipeline(tmp_path):
-    """Measuring or checking a bundle on a device loads what that needs, not the toolchain that made it."""
-    code = f"""
-import sys
-import phiedge.bench, phiedge.verify, phiedge.report
-from phiedge.cli import cli
-for args in (["verify", "--no-load", {str(tmp_path / 'none')!r}], ["bench", {str(tmp_path / 'none')!r}]):
-    try:
-        cli(args, standalone_mode=False)
-    except Exception:
-        pass
-heavy = [m for m in ("torch", "transformers", "olive") if m in sys.modules]
-print(json.dumps([sorted(m.split(".")[-1] for m in sys.modules if m.startswith("phiedge.")), heavy]))
-"""
-    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
-    loaded, heavy = json.loads(out.stdout.splitlines()[-1])
-    assert {"verify", "bench", "artifacts", "report"} <= set(loaded)
-    assert set(loaded).isdisjoint(PIPELINE), sorted(set(loaded) & set(PIPELINE))
-    assert heavy == []
+def floor(module: str) -> int:
+    """The floor of a dotted module name: its longest prefix in FLOORS."""
+    parts = module.split(".")
+    return next(FLOORS[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in FLOORS)
 
 
-def test_no_import_circle():
-    """Every import between phiedge's modules, lazy ones too, goes one way."""
+def phiedge_imports() -> dict[str, set[str]]:
+    """Module -> the phiedge modules it imports (at the top or in a function), from the source."""
     import ast
     from pathlib import Path
 
@@ -119,27 +111,83 @@ def test_no_import_circle():
     src = Path(phiedge.__file__).parent
     graph = {}
     for path in src.rglob("*.py"):
-        parts = path.relative_to(src).with_suffix("").parts
-        package = parts[:-1]
-        parts = package if parts[-1] == "__init__" else parts
-        graph[".".join(parts)] = [(package, node) for node in ast.walk(ast.parse(path.read_text()))
-                                  if isinstance(node, ast.ImportFrom) and node.level]
-    for name, imports in graph.items():
+        parts = path.relative_to(src.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         deps = set()
-        for package, node in imports:
-            stem = list(package[:len(package) - node.level + 1]) + (node.module.split(".") if node.module else [])
-            for alias in node.names:
-                full = ".".join([*stem, alias.name])
-                deps.add(full if full in graph else ".".join(stem))
-        graph[name] = {d for d in deps if d and d in graph and d != name}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "phiedge":
+                assert node.level == 0, f"{name}: relative import"
+                deps.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name.split(".")[0] == "phiedge")
+        graph[name] = deps
+    # `from phiedge.x import name`: the module phiedge.x.name where it is one, else phiedge.x
+    return {name: {d if d in graph else d.rsplit(".", 1)[0] for d in deps} - {name} for name, deps in graph.items()}
+
+
+def test_bench_and_verify_import_nothing_of_the_build_pipeline(tmp_path):
+    """Measuring or checking a bundle on a device loads what that needs, not the toolchain that made it; the
+    command line, which imports every command, loads no heavy library for them."""
+    code = f"""
+import sys
+import phiedge.bench.measure, phiedge.bench.report, phiedge.bundle.verify
+modules = sorted(m for m in sys.modules if m.startswith("phiedge."))
+from phiedge.cli import cli
+for args in (["verify", "--no-load", {str(tmp_path / 'none')!r}], ["bench", {str(tmp_path / 'none')!r}]):
+    try:
+        cli(args, standalone_mode=False)
+    except Exception:
+        pass
+heavy = [m for m in ("torch", "transformers", "olive", "onnx") if m in sys.modules]
+print(json.dumps([modules, heavy]))
+"""
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True)
+    loaded, heavy = json.loads(out.stdout.splitlines()[-1])
+    assert {"phiedge.bundle.verify", "phiedge.bench.measure", "phiedge.artifacts"} <= set(loaded)
+    assert [m for m in loaded if m.startswith(PIPELINE)] == []
+    assert heavy == []
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return [(m, d) for m, deps in graph.items() for d in deps if floor(d) > floor(m)]
+
+
+def test_imports_go_down_the_floors_and_are_at_the_top():
+    """No import circle, no import from a lower floor to a higher one, no phiedge import inside a function."""
+    import ast
+    from pathlib import Path
+
+    import phiedge
+
+    graph = phiedge_imports()
+    assert upward(graph) == []
+    lazy = []
+    for path in Path(phiedge.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lazy += [f"{path.name}:{n.lineno}" for n in ast.walk(fn) if isinstance(n, ast.ImportFrom)
+                         and (n.level or (n.module or "").split(".")[0] == "phiedge")]
+    assert lazy == []
 
     def reach(start):
         seen, stack = set(), [start]
         while stack:
-            for nxt in graph[stack.pop()]:
+            for nxt in graph.get(stack.pop(), ()):
                 if nxt not in seen:
                     seen.add(nxt)
                     stack.append(nxt)
         return seen
 
     assert [m for m in sorted(graph) if m in reach(m)] == []
+
+
+def test_the_floor_rule_catches_an_upward_import():
+    """The rule above is not vacuous: the quantizer importing the build stages, or the artifacts the command
+    line, is caught."""
+    graph = phiedge_imports()
+    assert "phiedge.quantize.quantizer" in graph and "phiedge.artifacts" in graph
+    graph["phiedge.quantize.quantizer"].add("phiedge.build.stages")
+    graph["phiedge.artifacts"].add("phiedge.cli")
+    assert sorted(upward(graph)) == [("phiedge.artifacts", "phiedge.cli"),
+                                     ("phiedge.quantize.quantizer", "phiedge.build.stages")]

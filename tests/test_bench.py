@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from phiedge import bench as bench_module
-from phiedge.bench import BenchError, BenchTest, bench, plan_tests, run_tg
+from phiedge.bench import measure as bench_module
+from phiedge.bench.measure import BenchError, BenchTest, bench, plan_tests, run_tg
+from phiedge.bundle.generate import load
 from phiedge.cli import cli
-from phiedge.generate import load
 
 LLAMA_BENCH_FIELDS = {"n_prompt", "n_gen", "n_depth", "avg_ns", "stddev_ns", "avg_ts", "stddev_ts", "samples_ns",
                       "samples_ts", "n_threads", "model_size", "model_n_params", "cpu_info", "test_time"}

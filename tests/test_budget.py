@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 from phiedge import catalog
-from phiedge.budget import check, estimate
+from phiedge.artifacts import ModelFolder
+from phiedge.checks.budget import check, estimate
 from phiedge.schema import Device
 
 
 def test_estimate_counts_weight_files_and_kv_cache(builds):
     built = builds("phi-4-mini", "int4")
-    usage = estimate(built)
+    usage = estimate(ModelFolder(built))
     weights = sum(p.stat().st_size for p in built.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
     # shrunk phi-4-mini: 2 layers, 1 KV head of 128, fp32 cache, max_length 4096 (the cpu target's cap)
     assert usage == {"weights_bytes": weights, "kv_cache_bytes": 2 * 2 * 1 * 128 * 4096 * 4, "max_length": 4096,
@@ -38,10 +39,10 @@ def test_device_values_are_checked(bad):
 
 def test_weight_accounting_matches_the_files(builds, checkpoints):
     """Every byte of the weights file is an initializer, and the int4 matrices are at their ideal size."""
-    from phiedge.budget import weight_accounting
+    from phiedge.checks.budget import weight_accounting
 
     built = builds("phi-4-mini", "int4")
-    acct = weight_accounting(built / "model.onnx")
+    acct = weight_accounting(ModelFolder(built))
     assert acct["data_file_bytes"] == (built / "model.onnx.data").stat().st_size == acct["initializer_bytes"]
     assert acct["ideal_bytes"] == acct["initializer_bytes"] == ideal_bytes(checkpoints["phi-4-mini"])
     assert acct["model_files_bytes"] == acct["data_file_bytes"] + (built / "model.onnx").stat().st_size
@@ -54,7 +55,7 @@ def ideal_bytes(checkpoint: str) -> int:
     """The cpu target's int4 weights of a checkpoint, from its config's shapes alone: each matrix at its bits a
     weight plus one fp32 scale a block (symmetric: no zero points), the tied table once at the LM head's 8 bits
     (shared), layer 0's qkv_proj at 8 bits, norms in fp32."""
-    from phiedge.checkpoint import parameter_shapes
+    from phiedge.checkpoints.checkpoint import parameter_shapes
 
     int4 = catalog.find_target("cpu").int4
     assert (int4.block_size, int4.symmetric, int4.embeddings, int4.lm_head_bits, int4.eight_bit) == \

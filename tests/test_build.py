@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from phiedge import build as build_mod
-from phiedge.build import BuildOptions, build, plan
+from phiedge.build import olive
+from phiedge.build.plan import BuildOptions, plan
+from phiedge.build.stages import build
+from phiedge.bundle.generate import generate, load
+from phiedge.checks.greedy import greedy_parity
 from phiedge.errors import BuildError, ConfigError, ModelError
-from phiedge.generate import generate, load
-from phiedge.reference import greedy_parity
 
 VARIANTS = ["phi-4-mini", "phi-3-mini-4k", "phi-2"]
 
@@ -134,7 +135,7 @@ def test_failed_rebuild_keeps_earlier_output(checkpoints, tmp_path, monkeypatch)
     def fail(*args, **kwargs):
         raise BuildError("simulated failure")
 
-    monkeypatch.setattr(build_mod, "run_olive", fail)
+    monkeypatch.setattr(olive, "run_olive", fail)
     with pytest.raises(BuildError):
         build(checkpoints["phi-4-mini"], "cpu", out, force=True)
     assert (out / "model.onnx").read_text() == "earlier good output"
@@ -151,7 +152,7 @@ def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "run_olive", interrupted)
+    monkeypatch.setattr(olive, "run_olive", interrupted)
     with pytest.raises(KeyboardInterrupt):
         build(checkpoints["phi-4-mini"], "cpu", tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -159,7 +160,7 @@ def test_interrupt_leaves_nothing(checkpoints, tmp_path, monkeypatch):
 
 def test_olive_runs_offline_without_telemetry(tmp_path, monkeypatch):
     monkeypatch.delenv("OLIVE_DISABLE_TELEMETRY", raising=False)
-    env = build_mod.olive_env(tmp_path)
+    env = olive.olive_env(tmp_path)
     for key in ("OLIVE_DISABLE_TELEMETRY", "ORT_DISABLE_TELEMETRY", "ORTGENAI_DISABLE_TELEMETRY", "HF_HUB_OFFLINE"):
         assert env[key] == "1", key
     assert env["HF_HOME"].startswith(str(tmp_path))  # the builder's cache stays inside the build
@@ -201,7 +202,7 @@ def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path, monkeyp
     tok["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Tok", None]}
     (folder / "tokenizer_config.json").write_text(json.dumps(tok))
     olive_reads = {}
-    run_olive = build_mod.run_olive
+    run_olive = olive.run_olive
 
     def spy(config, *args):
         read = Path(config["input_model"]["model_path"])
@@ -210,7 +211,7 @@ def test_custom_code_in_a_checkpoint_is_never_run(checkpoints, tmp_path, monkeyp
                                      if "auto_map" in json.loads((read / f).read_text())])
         return run_olive(config, *args)
 
-    monkeypatch.setattr(build_mod, "run_olive", spy)
+    monkeypatch.setattr(olive, "run_olive", spy)
     record = build(folder, "cpu", tmp_path / "out", BuildOptions(precision=None if precision == "int4" else precision))
     assert record["precision"] == precision and not marker.exists()
     assert record["validation"]["positions"] > 0  # the reference was loaded and run too
@@ -252,7 +253,7 @@ def olive_child(pid: int) -> int | None:
     for proc in Path("/proc").iterdir():
         try:
             ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == pid and b"phiedge.olive_runner" in (proc / "cmdline").read_bytes():
+            if ppid == pid and b"phiedge.build.olive_runner" in (proc / "cmdline").read_bytes():
                 return int(proc.name)
         except (OSError, ValueError, IndexError):
             continue
@@ -275,7 +276,7 @@ def test_a_stopped_build_stops_olive_and_leaves_nothing(checkpoints, tmp_path, c
     from phiedge.workspace import staged_dir
 
     out = tmp_path / "out"
-    env = {**os.environ, "PYTHONPATH": str(Path(build_mod.__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(olive.__file__).parents[2])}
     proc = subprocess.Popen([sys.executable, "-c", "from phiedge.cli import cli; cli()", "build", "--model",
                              checkpoints["phi-4-mini"], "--target", "cpu", "--precision", "fp32", "--no-validate",
                              "-q", "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phiedge import calibrate, dequant_reference, prequant, quantizer
+from phiedge.checkpoints.corpus import calibration_ids
+from phiedge.checks import dequantized
 from phiedge.cli import cli
-from phiedge.corpus import calibration_ids
+from phiedge.quantize import calibrate, prequant, quantizer
 from phiedge.schema import Int4Settings
 
 CALIBRATED = {"quantizer": "mse", "calibrate": True}
@@ -68,7 +69,7 @@ def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoint
     weighted = quantizer.quantize(w, 4, 128, True, "mse", importance[name])[0]
     plain = quantizer.quantize(w, 4, 128, True, "mse")[0]
     assert not np.array_equal(weighted, plain)
-    transform = dequant_reference.dequantizer(Int4Settings(method="stream", block_size=128, embeddings="shared",
+    transform = dequantized.dequantizer(Int4Settings(method="stream", block_size=128, embeddings="shared",
                                                            lm_head_bits=8, **CALIBRATED), importance)
     expected = quantizer.dequantize(weighted, quantizer.quantize(w, 4, 128, True, "mse", importance[name])[1], None,
                                     4, 128, tuple(w.shape))

@@ -4,9 +4,8 @@ import struct
 
 import pytest
 
-from phiedge.checkpoint import inspect, lm_head_collisions
+from phiedge.checkpoints.checkpoint import inspect, lm_head_collisions
 from phiedge.errors import ModelError
-
 
 EMPTY_SAFETENSORS = struct.pack("<Q", 2) + b"{}"  # a valid file with no tensors
 
@@ -97,9 +96,9 @@ def test_custom_code_is_noted_not_run(copy, tmp_path):
     the PyTorch reference and both tokenizer loads use transformers' classes; the code is never imported."""
     from transformers import Phi3ForCausalLM
 
-    from phiedge.checkpoint import parameter_shapes
-    from phiedge.reference import load_reference
-    from phiedge.train import eval_ids
+    from phiedge.checkpoints.checkpoint import parameter_shapes
+    from phiedge.checkpoints.corpus import eval_ids
+    from phiedge.checkpoints.fp32 import load_reference
 
     folder = copy()
     marker = tmp_path / "code-ran"

@@ -1,6 +1,6 @@
 import json
 
-from phiedge.corpus import split_files, stdlib_files, write_calibration
+from phiedge.checkpoints.corpus import split_files, stdlib_files, write_calibration
 
 
 def test_held_out_files_are_not_trained_on():

@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import phiedge.generate as gen_mod
-from phiedge.generate import chat_prompt, generate, load
+import phiedge.bundle.generate as gen_mod
+from phiedge.bundle.generate import chat_prompt, generate, load
 
 # Run the file as a user would after copying it, with phiedge made unimportable.
 NO_PHIEDGE = "import sys, runpy; sys.modules['phiedge'] = None; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"

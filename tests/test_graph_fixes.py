@@ -2,8 +2,8 @@ import shutil
 
 import onnx
 
-from phiedge.graph_fixes import layernorm_epsilon
-from phiedge.reference import greedy_parity
+from phiedge.build.graph_fixes import layernorm_epsilon
+from phiedge.checks.greedy import greedy_parity
 
 
 def epsilons(path):

@@ -12,11 +12,11 @@ import zipfile
 import onnx
 import pytest
 
-from phiedge.checks import smoke_generate
+from phiedge.bundle.model_safety import UnsafeModelError, check_model_folder
+from phiedge.bundle.package import MANIFEST, package, sha256
+from phiedge.bundle.smoke import smoke_generate
+from phiedge.bundle.verify import safe_extract, verify
 from phiedge.cli import cli
-from phiedge.model_safety import UnsafeModelError, check_model_folder
-from phiedge.package import MANIFEST, package, sha256
-from phiedge.verify import safe_extract, verify
 
 LIBRARY = r"""
 #include <stdio.h>

@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from phiedge import catalog
-from phiedge.olive_config import fill
+from phiedge.build.olive_config import fill
 from phiedge.schema import Int4Settings
 
 
@@ -58,7 +58,7 @@ def test_embedding_and_float_node_choices_reach_the_builder():
 
 
 def test_gptq_recipe_gets_calibration_file_and_block_settings(tmp_path):
-    from phiedge.olive_config import calibration_file
+    from phiedge.build.olive_config import calibration_file
 
     cfg = fill(catalog.load_recipe("cpu-gptq"), catalog.find_target("cpu"), tmp_path / "m", tmp_path,
                int4=Int4Settings(block_size=64, symmetric=False))

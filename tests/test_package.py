@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from phiedge import catalog
+from phiedge.bundle.package import PackageError, package
+from phiedge.bundle.verify import safe_extract
 from phiedge.cli import cli
-from phiedge.package import PackageError, package
-from phiedge.verify import safe_extract
 
 
 @pytest.fixture(scope="module")

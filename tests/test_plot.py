@@ -2,8 +2,8 @@ import struct
 
 import pytest
 
+from phiedge.bench.plot import plot
 from phiedge.errors import PhiedgeError
-from phiedge.plot import plot
 
 RECORDS = [
     {"test": "pp16", "avg_ts": 100.0, "stddev_ts": 2.0, "n_threads": 2, "model_variant": "phi-4-mini",

@@ -8,17 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phiedge import prequant
-from phiedge.quantizer import quantize
-from phiedge.build import BuildOptions, build, plan
+from phiedge.build.plan import BuildOptions, plan
+from phiedge.build.stages import build
 from phiedge.errors import ConfigError
+from phiedge.quantize import prequant
+from phiedge.quantize.quantizer import quantize
 
 
 def ort_quantizer(weight: np.ndarray, bits: int, block: int, symmetric: bool) -> dict[str, np.ndarray]:
     """What ONNX Runtime's MatMulNBitsQuantizer writes for MatMul(x, weight.T): the builder's default path."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     n, k = weight.shape
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",

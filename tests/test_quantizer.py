@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from phiedge import quantizer
 from phiedge.errors import BuildError
+from phiedge.quantize import quantizer
 
 EPS32 = float(np.finfo(np.float32).eps)
 KINDS = ("normal", "laplace", "student2", "uniform", "outlier", "constant", "zeros", "sparse", "on_grid", "tiny")
@@ -192,7 +192,8 @@ def test_stream_build_writes_the_searched_weights_and_the_eight_bit_policy(check
     from onnx import numpy_helper
     from safetensors import safe_open
 
-    from phiedge.build import BuildOptions, build
+    from phiedge.build.plan import BuildOptions
+    from phiedge.build.stages import build
 
     ckpt = Path(checkpoints["phi-4-mini"])
     int4 = {"quantizer": "mse", "eight_bit": ["model.layers.0.mlp.down_proj"], "calibrate": False,

@@ -5,12 +5,30 @@ import json
 import pytest
 
 from phiedge import catalog
-from phiedge.build import BuildOptions, build
-from phiedge.generate import generate, load
-from phiedge.reference import common_prefix, load_reference, reference_greedy
-from phiedge.synth import Shrink, synth
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.bundle.generate import generate, load
+from phiedge.checkpoints.fp32 import load_reference
+from phiedge.checkpoints.synth import Shrink, synth
+from phiedge.checks.greedy import common_prefix, reference_greedy
 
 BUILDABLE = sorted(v.name for v in catalog.variants().values() if v.buildable)
+
+
+def distinct_configs(names: list[str]) -> list[str]:
+    """One variant per distinct config.json (a reasoning fine-tune ships its base's config): the same
+    architecture need not be exported twice."""
+    seen: dict[str, str] = {}
+    for name in names:
+        seen.setdefault(json.dumps(catalog.find_variant(name).config, sort_keys=True), name)
+    return sorted(seen.values())
+
+
+def test_distinct_configs_keep_every_architecture_setting():
+    kept = distinct_configs(BUILDABLE)
+    assert {json.dumps(catalog.find_variant(n).config, sort_keys=True) for n in kept} == \
+        {json.dumps(catalog.find_variant(n).config, sort_keys=True) for n in BUILDABLE}
+    assert len(kept) < len(BUILDABLE)  # phi-4-mini-reasoning is phi-4-mini's config
 
 
 def shrink_for(name: str) -> Shrink:
@@ -24,7 +42,7 @@ def test_common_prefix():
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2 and common_prefix([], [1]) == 0
 
 
-@pytest.mark.parametrize("name", BUILDABLE)
+@pytest.mark.parametrize("name", distinct_configs(BUILDABLE))
 def test_fp32_build_of_every_variant_matches_transformers(name, tmp_path):
     ckpt = synth(name, tmp_path / "ckpt", shrink_for(name), seed=2)["path"]
     record = build(ckpt, "cpu", tmp_path / "out", BuildOptions(precision="fp32"))
@@ -55,7 +73,7 @@ def test_layerwise_reference_gives_the_same_logits_and_tokens(checkpoints, name,
     """One decoder layer in memory at a time: what lets a full-size build validate within its memory bound."""
     import torch
 
-    from phiedge import reference
+    from phiedge.checkpoints import fp32
 
     ckpt = checkpoints[name]
     whole, layerwise = load_reference(ckpt, layerwise=False), load_reference(ckpt, layerwise=True)
@@ -64,5 +82,5 @@ def test_layerwise_reference_gives_the_same_logits_and_tokens(checkpoints, name,
         assert torch.equal(whole(ids).logits, layerwise(ids).logits)
     assert all(p.device.type == "meta" for p in layerwise.model.layers.parameters())  # dropped after each run
     assert reference_greedy(whole, [5, 6, 7], 12) == reference_greedy(layerwise, [5, 6, 7], 12)
-    monkeypatch.setattr(reference, "LAYERWISE_ABOVE_BYTES", 0)  # the size decides when not told
+    monkeypatch.setattr(fp32, "LAYERWISE_ABOVE_BYTES", 0)  # the size decides when not told
     assert all(p.device.type == "meta" for p in load_reference(ckpt).model.layers.parameters())

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
+from phiedge.bench.report import compare, render
 from phiedge.errors import PhiedgeError
-from phiedge.report import compare, render
 
 RECORDS = [
     {"test": "pp16", "avg_ts": 100.0, "stddev_ts": 2.0, "n_depth": 0, "ttft_ms": 3.5, "latency_p50_ms": None,

@@ -118,8 +118,8 @@ def test_builder_boolean_options_must_be_booleans():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from phiedge.catalog import parse  # noqa: E402
-from phiedge.errors import ConfigError  # noqa: E402
+from phiedge.catalog import parse
+from phiedge.errors import ConfigError
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -10,13 +10,15 @@ import numpy as np
 import onnx
 import pytest
 
-from phiedge import prequant
-from phiedge.budget import weight_accounting
-from phiedge.build import BuildOptions, build, plan
+from phiedge.artifacts import ModelFolder
+from phiedge.build.graph_fixes import share_tied_table
+from phiedge.build.plan import BuildOptions, plan
+from phiedge.build.stages import build
+from phiedge.checks.budget import weight_accounting
+from phiedge.checks.greedy import greedy_parity
 from phiedge.cli import cli
 from phiedge.errors import BuildError, ConfigError
-from phiedge.graph_fixes import share_tied_table
-from phiedge.reference import greedy_parity
+from phiedge.quantize import prequant
 
 # Round to nearest, uncalibrated, every layer matrix at 4 bits: the same bytes for a table of its own and for a shared
 # one (a calibrated table takes the LM head's importance, a table of its own none)
@@ -78,7 +80,7 @@ def test_shared_build_computes_what_the_separate_one_does(pair, checkpoints):
 
 def test_weight_accounting_counts_the_shared_table_once(pair):
     separate, shared = pair
-    acct, before = weight_accounting(shared / "model.onnx"), weight_accounting(separate / "model.onnx")
+    acct, before = weight_accounting(ModelFolder(shared)), weight_accounting(ModelFolder(separate))
     assert acct["data_file_bytes"] == (shared / "model.onnx.data").stat().st_size == acct["initializer_bytes"]
     assert acct["ideal_bytes"] == acct["initializer_bytes"]
     assert before["ideal_bytes"] - acct["ideal_bytes"] == before["data_file_bytes"] - acct["data_file_bytes"]
@@ -148,11 +150,11 @@ def test_write_quantizes_a_shared_table_once(checkpoints, tmp_path):
 
 
 def test_a_target_that_shares_gives_an_untied_checkpoint_its_own_table(checkpoints, monkeypatch):
-    from phiedge import build as build_module, catalog
+    from phiedge import catalog
 
     cpu = catalog.find_target("cpu")
     sharing = cpu.model_copy(update={"int4": cpu.int4.model_copy(update={"embeddings": "shared", "lm_head_bits": 8})})
-    monkeypatch.setattr(build_module.catalog, "find_target", lambda name: sharing)
+    monkeypatch.setattr(catalog, "find_target", lambda name: sharing)
     p = plan(checkpoints["phi-3-mini-4k"], "cpu")
     assert (p.int4.embeddings, p.int4.lm_head_bits) == ("int8", 8)
     assert "tie_word_embeddings is false" in p.notes[0]

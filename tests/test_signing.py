@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 
+from phiedge.bundle.package import MANIFEST, package, sha256
+from phiedge.bundle.signing import (
+    SIGNATURE,
+    KeyFileError,
+    SignatureError,
+    check,
+    keygen,
+    load_public,
+    load_secret,
+    sign,
+)
+from phiedge.bundle.verify import safe_extract, verify
 from phiedge.cli import cli
-from phiedge.package import MANIFEST, package, sha256
-from phiedge.signing import (SIGNATURE, KeyFileError, SignatureError, check, keygen, load_public, load_secret,
-                             sign)
-from phiedge.verify import safe_extract, verify
 
 VECTORS = Path(__file__).parent / "data" / "minisign"
 

@@ -4,9 +4,9 @@ import json
 import pytest
 
 from phiedge import catalog
-from phiedge.checkpoint import head_dim, inspect
+from phiedge.checkpoints.checkpoint import head_dim, inspect
+from phiedge.checkpoints.synth import Shrink, shaped_config, synth
 from phiedge.errors import ConfigError, ModelError
-from phiedge.synth import Shrink, shaped_config, synth
 
 
 def test_unshrunk_shape_is_the_published_one():
@@ -92,7 +92,7 @@ def test_unbuildable_variant_is_refused(tmp_path):
 
 
 def test_large_checkpoints_are_sharded(tmp_path, monkeypatch):
-    from phiedge import synth as synth_mod
+    from phiedge.checkpoints import synth as synth_mod
 
     monkeypatch.setattr(synth_mod, "SHARD_BYTES", 200_000)
     synth("phi-3-mini-4k", tmp_path / "s", Shrink(layers=2, heads=2, intermediate=256, vocab=1024))
@@ -109,7 +109,7 @@ def test_shards_are_written_as_they_fill(tmp_path, monkeypatch):
     """A shard goes to disk before the next one's tensors are made: Phi-4's 29 GB never sit in memory."""
     import safetensors.torch
 
-    from phiedge import synth as synth_mod
+    from phiedge.checkpoints import synth as synth_mod
 
     events = []
     make, save = synth_mod._tensor, safetensors.torch.save_file

@@ -1,8 +1,8 @@
 import json
 
-from phiedge.checkpoint import inspect
+from phiedge.checkpoints.checkpoint import inspect
+from phiedge.checkpoints.corpus import eval_ids
 from phiedge.cli import cli
-from phiedge.train import eval_ids
 
 
 def test_trained_model_is_sharp_and_recorded(trained):

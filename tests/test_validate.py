@@ -7,12 +7,20 @@ import numpy as np
 import pytest
 
 from phiedge import catalog
-from phiedge.build import BuildOptions, build
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.checks.validate import (
+    Sums,
+    ValidationFailed,
+    accumulate,
+    check,
+    raise_on_failure,
+    summary_lines,
+    validate_build,
+)
 from phiedge.cli import cli
 from phiedge.errors import ConfigError
 from phiedge.schema import Thresholds
-from phiedge.validate import (Sums, ValidationFailed, accumulate, check, raise_on_failure, summary_lines,
-                              validate_build)
 
 
 def test_identical_logits_give_zero_kl_and_full_agreement():
@@ -65,8 +73,8 @@ def reference_windows(trained) -> list[tuple[np.ndarray, np.ndarray]]:
     """The trained model's logits and next tokens over the held-out text, window by window as validate scores them."""
     import torch
 
-    from phiedge.reference import load_reference
-    from phiedge.train import eval_ids
+    from phiedge.checkpoints.corpus import eval_ids
+    from phiedge.checkpoints.fp32 import load_reference
 
     settings = catalog.find_target("cpu").validation
     model, ids = load_reference(trained), eval_ids(trained, settings.eval_tokens)
@@ -221,7 +229,7 @@ def test_logits_every_position_reads_the_graphs_logits_shape(tmp_path, positions
     import onnx
     from onnx import TensorProto, helper
 
-    from phiedge.validate import logits_every_position
+    from phiedge.checks.validate import logits_every_position
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["logits"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", positions, 8])],
@@ -231,7 +239,7 @@ def test_logits_every_position_reads_the_graphs_logits_shape(tmp_path, positions
 
 
 def test_default_builds_give_the_last_positions_logits_only(builds):
-    from phiedge.validate import logits_every_position
+    from phiedge.checks.validate import logits_every_position
 
     assert not logits_every_position(builds("phi-4-mini", "int4") / "model.onnx")  # the recipes prune the LM head
 
@@ -314,8 +322,8 @@ def rewrite_one_tensor(folder: Path) -> None:
 
 
 def test_synth_marker_counts_only_with_the_weights_it_describes(builds, checkpoints, tmp_path, short_text):
-    from phiedge.checkpoint import synth_record
-    from phiedge.validate import random_weights
+    from phiedge.checkpoints.checkpoint import synth_record
+    from phiedge.checks.validate import random_weights
 
     changed = tmp_path / "fine-tuned"
     shutil.copytree(checkpoints["phi-4-mini"], changed)
@@ -330,7 +338,7 @@ def test_synth_marker_counts_only_with_the_weights_it_describes(builds, checkpoi
 
 
 def test_a_marker_without_digests_is_not_trusted(checkpoints, tmp_path):
-    from phiedge.validate import random_weights
+    from phiedge.checks.validate import random_weights
 
     old = tmp_path / "old"
     shutil.copytree(checkpoints["phi-4-mini"], old)
@@ -347,7 +355,7 @@ def test_a_wrong_logits_width_fails_in_one_line(monkeypatch, width):
 
     import torch
 
-    from phiedge import validate as v
+    from phiedge.checks import validate as v
 
     def reference(input_ids):
         return types.SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], 2048))
@@ -359,7 +367,7 @@ def test_a_wrong_logits_width_fails_in_one_line(monkeypatch, width):
 
 
 def test_a_wrong_logits_width_through_the_cli(builds, trained, runner, short_text, monkeypatch):
-    from phiedge import validate as v
+    from phiedge.checks import validate as v
 
     real = v.built_logits
     monkeypatch.setattr(v, "built_logits", lambda *args: np.pad(real(*args), ((0, 0), (0, 64))))

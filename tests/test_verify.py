@@ -4,9 +4,9 @@ import zipfile
 
 import pytest
 
+from phiedge.bundle.package import package
+from phiedge.bundle.verify import BundleError, safe_extract, verify
 from phiedge.cli import cli
-from phiedge.package import package
-from phiedge.verify import BundleError, safe_extract, verify
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_extra_file_is_named(unpacked):
 
 
 def test_too_old_runtime_is_refused(unpacked, monkeypatch):
-    from phiedge import verify as verify_mod
+    from phiedge.bundle import verify as verify_mod
 
     monkeypatch.setattr(verify_mod, "runtime_version", lambda: "0.13.0")
     with pytest.raises(BundleError, match="0.13.0 is older than 0.14.1"):

@@ -23,10 +23,18 @@ from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
-from . import genai_config
-from .errors import ArtifactError, BundleError
+from phiedge import genai_config
+from phiedge.errors import ArtifactError, BundleError
 
 RECORD = "phiedge_build.json"  # the build record, in the model folder
 REPORT = "validation.json"  # the validation report, in the model folder when the build validated

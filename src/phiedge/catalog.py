@@ -13,8 +13,8 @@ from typing import TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, NotFoundError
-from .schema import ChatFormat, Recipe, Target, Variant
+from phiedge.errors import ConfigError, NotFoundError
+from phiedge.schema import ChatFormat, Recipe, Target, Variant
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -7,13 +7,34 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import click
 
-from . import __version__, telemetry
-from .errors import PhiedgeError
-from .progress import Progress
-from .schema import Int4Settings, Target, choices
+from phiedge import __version__, catalog, telemetry
+from phiedge.artifacts import opened
+from phiedge.bench.measure import bench, plan_tests
+from phiedge.bench.plot import plot
+from phiedge.bench.report import compare, render
+from phiedge.build.plan import BuildOptions, plan
+from phiedge.build.stages import build
+from phiedge.bundle.generate import main as generate_main
+from phiedge.bundle.model_safety import check_model_folder
+from phiedge.bundle.package import archive_path, package
+from phiedge.bundle.signing import keygen, load_public, load_secret
+from phiedge.bundle.verify import verify, verify_dir
+from phiedge.checkpoints.synth import Shrink
+from phiedge.checkpoints.synth import synth as make_checkpoint
+from phiedge.checkpoints.train import train as run_train
+from phiedge.checks.validate import raise_on_failure, raise_unless_enforced, summary_lines, validate_build
+from phiedge.demo import demo
+from phiedge.errors import PhiedgeError
+from phiedge.models import recommend as recommend_variant
+from phiedge.models import rows as variant_rows
+from phiedge.progress import Progress
+from phiedge.release import index as release_index
+from phiedge.release import release
+from phiedge.schema import Int4Settings, Target, choices
 
 
 class Terminated(KeyboardInterrupt):
@@ -95,36 +116,31 @@ def cli():
     telemetry.opt_out()
 
 
-@cli.command()
+@cli.command("models")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--recommend", is_flag=True, help="Pick one variant for a device's memory and a task.")
 @click.option("--ram", default=None, help="Device memory for --recommend, e.g. 4GB.")
 @click.option("--task", default=None, help="Use for --recommend, e.g. chat, code, math, reasoning.")
-def models(as_json, recommend, ram, task):
+def models_command(as_json, recommend, ram, task):
     """List the Phi variants phiedge knows, or recommend one."""
-    from .models import recommend as pick
-    from .models import rows
-
     if recommend:
         if not ram:
             raise click.UsageError("--recommend needs --ram (e.g. --ram 4GB)")
-        r = pick(ram, task)
+        r = recommend_variant(ram, task)
         emit(r, as_json, f"{r['name']} ({r['hf_id']}): int4 weights {r['int4_weights_gb']} GB + KV cache "
                          f"{r['kv_cache_gb']} GB at {r['context']} tokens, {r['total_gb']} GB of a "
                          f"{r['ram_budget_gb']} GB budget. {r['why']}")
         return
-    data = rows()
+    data = variant_rows()
     shown = [{**row, "tasks": ",".join(row["tasks"]),
               "status": "ok" if row["buildable"] else f"not yet: {row['reason']}"} for row in data]
     emit(data, as_json, table(shown, ["name", "hf_id", "params_b", "int4_gb", "context", "tasks", "status"]))
 
 
-@cli.command()
+@cli.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def targets(as_json):
+def targets_command(as_json):
     """List the device targets found under targets/."""
-    from .catalog import targets as found
-
     data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
              "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
              "int4_method": t.int4.method, "quantizer": t.int4.quantizer, "calibrate": t.int4.calibrate,
@@ -132,13 +148,13 @@ def targets(as_json):
              "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
              "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
              "validated_here": t.runs_here,
-             "description": t.description} for t in found().values()]
+             "description": t.description} for t in catalog.targets().values()]
     emit(data, as_json, table(data, ["name", "provider", "precision", "block_size", "int4_method", "quantizer",
                                      "calibrate", "table", "lm_head_bits", "context_cap", "ram_gb", "threads",
                                      "layout", "validated_here"]))
 
 
-@cli.command()
+@cli.command("synth")
 @click.option("--like", required=True, help="Variant whose architecture to copy, e.g. phi-4-mini.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Checkpoint folder to write.")
 @click.option("--layers", type=int, default=None, help="Decoder layers (default: the variant's).")
@@ -150,34 +166,29 @@ def targets(as_json):
 @click.option("--dtype", type=click.Choice(["bf16", "fp32", "fp16"]), default="bf16", show_default=True,
               help="Weight precision on disk (published Phi checkpoints are bf16).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def synth(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, force):
+def synth_command(like, out, layers, heads, kv_heads, intermediate, vocab, seed, dtype, force):
     """Write a Hugging Face checkpoint shaped like a Phi variant, with random weights."""
-    from .synth import Shrink
-    from .synth import synth as make
-
     progress = Progress()
-    summary = make(like, out, Shrink(layers, heads, kv_heads, intermediate, vocab), seed=seed, dtype=dtype,
+    summary = make_checkpoint(like, out, Shrink(layers, heads, kv_heads, intermediate, vocab), seed=seed, dtype=dtype,
                    force=force, progress=progress.iterate)
     click.echo(json.dumps(summary, indent=2))
 
 
-@cli.command()
+@cli.command("train")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Checkpoint folder to write.")
 @click.option("--like", default="phi-4-mini", show_default=True, help="Variant whose architecture to copy.")
 @click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps (16 x 128 tokens each).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and batches.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def train(out, like, steps, seed, force):
+def train_command(out, like, steps, seed, force):
     """Train a small Phi-shaped model on the Python standard library (minutes on 2 cores)."""
-    from .train import train as run_train
-
     if steps < 1:
         raise click.BadParameter("must be at least 1", param_hint="--steps")
     click.echo(json.dumps(run_train(out, like, steps=steps, seed=seed, force=force,
                                     progress=Progress().iterate), indent=2))
 
 
-@cli.command()
+@cli.command("build")
 @click.option("--target", "target_name", default=None,
               help="Device target (see `phiedge targets`); several, comma-separated, make a release in -o.")
 @click.option("--all-targets", is_flag=True, help="Build, validate and package every target into -o with an index.")
@@ -221,15 +232,11 @@ def train(out, like, steps, seed, force):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def build(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric, algorithm,
-          shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer, eight_bit, calibrate,
-          context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run, no_bench, force, quiet):
+def build_command(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric,
+                  algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer,
+                  eight_bit, calibrate, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
+                  no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
-    from pathlib import Path
-
-    from .build import build as run_build
-    from .plan import BuildOptions, plan
-
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
@@ -244,24 +251,21 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
     if names == []:
         raise click.UsageError(f"--target {target_name!r} names no target.")
     if dry_run:
-        from .catalog import targets as found
-
-        configs = {name: plan(model_dir, name, options).olive_config(Path("<workdir>")) for name in names or found()}
+        configs = {name: plan(model_dir, name, options).olive_config(Path("<workdir>"))
+                   for name in names or catalog.targets()}
         click.echo(json.dumps(configs[names[0]] if names and len(names) == 1 else configs, indent=2))
         return
     if not out:
         raise click.UsageError("Missing option '-o' / '--output' (not needed with --dry-run).")
     if all_targets or len(names) > 1:
-        from .release import release
-
         index = release(model_dir, names, out, options, force=force, progress=Progress(quiet), run_bench=not no_bench)
         click.echo(json.dumps(index, indent=2))
         return
-    record = run_build(model_dir, names[0], out, options, force=force, progress=Progress(quiet))
+    record = build(model_dir, names[0], out, options, force=force, progress=Progress(quiet))
     click.echo(json.dumps(record, indent=2))
 
 
-@cli.command()
+@cli.command("validate")
 @click.argument("model_dir", type=click.Path())
 @click.option("--reference", required=True, type=click.Path(), help="The original Hugging Face checkpoint folder.")
 @click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
@@ -271,7 +275,7 @@ def build(target_name, all_targets, model_dir, out, precision, block_size, accur
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Evaluation text file (default: held-out Python standard library source).")
 @click.option("--json", "json_file", type=click.Path(), default=None, help="Also write the full report here.")
-def validate(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
+def validate_command(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
     """Compare a built model with its original checkpoint.
 
     Exit status: 0 when the target's thresholds for the precision were enforced and met; 1 when one was
@@ -279,10 +283,6 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
     no thresholds for the precision or the reference holds phiedge synth's random weights and the build
     is quantized: the numbers are printed and the verdict says NOT ENFORCED, but nothing was checked.
     """
-    from pathlib import Path
-
-    from .validate import raise_on_failure, raise_unless_enforced, summary_lines, validate_build
-
     report = validate_build(model_dir, reference, target_name, precision, parse_thresholds(thresholds), text_file)
     if json_file:
         Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
@@ -291,60 +291,46 @@ def validate(model_dir, reference, target_name, precision, thresholds, text_file
     raise_unless_enforced(report)
 
 
-@cli.command()
+@cli.command("package")
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Archive (.zip) to write, or a folder to write NAME.zip into.")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
 @click.option("--sign", "sign_key", type=click.Path(), default=None,
               help="Sign the manifest with this minisign secret key (from `phiedge keygen` or `minisign -G -W`).")
-def package(model_dir, out, force, sign_key):
+def package_command(model_dir, out, force, sign_key):
     """Bundle a built model folder into a release archive with a manifest and a generation program."""
-    from .package import archive_path
-    from .package import package as make
-    from .signing import load_secret
-
     key = load_secret(sign_key) if sign_key else None
-    manifest = make(model_dir, out, force=force, sign=key)
+    manifest = package(model_dir, out, force=force, sign=key)
     written = archive_path(out, manifest["name"])  # a folder stays a folder; a file path is the archive
     click.echo(json.dumps({"archive": str(written), "name": manifest["name"], "files": len(manifest["files"]),
                            "signed_by": key and key.id}, indent=2))
 
 
-@cli.command()
+@cli.command("keygen")
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Key pair to write: OUT.key (secret, mode 0600) and OUT.pub (public).")
 @click.option("--force", is_flag=True, help="Replace the key files if they exist.")
-def keygen(out, force):
+def keygen_command(out, force):
     """Make a minisign-compatible Ed25519 key pair for `package --sign` and `verify --trust`."""
-    from .signing import keygen as make
-
-    click.echo(json.dumps(make(out, force=force), indent=2))
+    click.echo(json.dumps(keygen(out, force=force), indent=2))
 
 
-@cli.command()
+@cli.command("verify")
 @click.argument("bundle", type=click.Path())
 @click.option("--no-load", is_flag=True, help="Check files and versions only, without loading the model.")
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-def verify(bundle, no_load, trust):
+def verify_command(bundle, no_load, trust):
     """Check a bundle (archive or folder): every file against the manifest, the runtime, the model loads."""
-    from .verify import verify as check
-
-    click.echo(json.dumps(check(bundle, load=not no_load, trust=trust), indent=2))
+    click.echo(json.dumps(verify(bundle, load=not no_load, trust=trust), indent=2))
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("path", type=click.Path())
 @click.argument("generate_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-def run(path, generate_args, trust):
+def run_command(path, generate_args, trust):
     """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
-    from .artifacts import opened
-    from .generate import main as generate_main
-    from .model_safety import check_model_folder
-    from .signing import load_public
-    from .verify import verify_dir
-
     key = load_public(trust) if trust else None
     with opened(path) as bundle:
         if bundle.is_bundle or key:
@@ -361,7 +347,7 @@ def int_list(ctx, param, value: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
-@cli.command()
+@cli.command("bench")
 @click.argument("path", type=click.Path())
 @click.option("-p", "--prompt-tokens", default="128,512", callback=int_list, help="pp tests (comma-separated).")
 @click.option("-n", "--gen-tokens", default="128", callback=int_list, help="tg tests (comma-separated).")
@@ -375,25 +361,17 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Also draw tokens/s per test to this PNG (needs matplotlib).")
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, trust):
+def bench_command(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, trust):
     """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
-    from .bench import bench as run_bench
-    from .bench import plan_tests
-    from .report import compare, render
-    from .artifacts import opened
-    from .signing import load_public
-    from .verify import verify_dir
-
     tests = plan_tests(prompt_tokens, gen_tokens, depth)
     key = load_public(trust) if trust else None
     with opened(path) as bundle:
         if key:
             verify_dir(bundle, load=False, trust=key)
-        records = run_bench(bundle, tests, repetitions, warmup, threads,
+        records = bench(bundle, tests, repetitions, warmup, threads,
                             progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
     click.echo(render(records, fmt))
     if plot_file:
-        from .plot import plot
 
         plot(records, plot_file)
         click.echo(f"[phiedge] chart written to {plot_file}", err=True)
@@ -403,23 +381,19 @@ def bench(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, 
                        err=True)
 
 
-@cli.command()
+@cli.command("index")
 @click.argument("dist", type=click.Path())
-def index(dist):
+def index_command(dist):
     """Write release.json and RELEASE.md for the bundle archives in DIST (e.g. made by one CI job per target)."""
-    from .release import index as write
-
-    click.echo(json.dumps(write(dist), indent=2))
+    click.echo(json.dumps(release_index(dist), indent=2))
 
 
-@cli.command()
+@cli.command("demo")
 @click.option("-o", "--output", "out", type=click.Path(), default="phiedge-demo", show_default=True,
               help="Folder for the checkpoint and the builds.")
 @click.option("--like", default="phi-4-mini", show_default=True, help="Variant to imitate.")
 @click.option("--force", is_flag=True, help="Replace earlier demo outputs.")
-def demo(out, like, force):
+def demo_command(out, like, force):
     """Make a small Phi checkpoint here, build it for CPU in fp32 and int4, and check it against PyTorch."""
-    from .demo import demo as run_demo
-
-    summary = run_demo(out, like, force=force, progress=Progress())
+    summary = demo(out, like, force=force, progress=Progress())
     click.echo(json.dumps(summary, indent=2))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .build import build
-from .plan import BuildOptions
-from .generate import chat_prompt, generate
-from .model_safety import load
-from .progress import Progress
-from .synth import Shrink, synth
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.bundle.generate import chat_prompt, generate
+from phiedge.bundle.model_safety import load
+from phiedge.checkpoints.synth import Shrink, synth
+from phiedge.progress import Progress
 
 DEMO_SHRINK = Shrink(layers=2, heads=6, kv_heads=2, intermediate=1024, vocab=4096)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import BuildError
+from phiedge.errors import BuildError
 
 FILE = "genai_config.json"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from . import catalog
-from .checkpoint import head_dim, kv_cache_bytes
-from .errors import ConfigError
-from .prequant import EMBEDDING_BITS, SHARED, streamable
-from .schema import Variant
+from phiedge import catalog
+from phiedge.checkpoints.checkpoint import head_dim, kv_cache_bytes
+from phiedge.errors import ConfigError
+from phiedge.quantize.prequant import EMBEDDING_BITS, SHARED, streamable
+from phiedge.schema import Variant
 
 GB = 1024**3
 RUNTIME_OVERHEAD = 0.35 * GB  # ONNX Runtime, tokenizer and activations, measured order of magnitude

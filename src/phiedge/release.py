@@ -14,16 +14,16 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from . import __version__, catalog
-from .artifacts import MANIFEST, Manifest, ModelFolder, parse_manifest, sha256
-from .bench import BenchTest, bench
-from .build import build
-from .exports import Exports
-from .plan import BuildOptions, plan
-from .errors import PhiedgeError
-from .package import bundle_name, package
-from .progress import Progress
-from .workspace import staged_dir
+from phiedge import __version__, catalog
+from phiedge.artifacts import MANIFEST, Manifest, ModelFolder, parse_manifest, sha256
+from phiedge.bench.measure import BenchTest, bench
+from phiedge.build.exports import Exports
+from phiedge.build.plan import BuildOptions, plan
+from phiedge.build.stages import build
+from phiedge.bundle.package import bundle_name, package
+from phiedge.errors import PhiedgeError
+from phiedge.progress import Progress
+from phiedge.workspace import staged_dir
 
 INDEX_JSON, INDEX_MD = "release.json", "RELEASE.md"
 BENCH = {"n_prompt": 128, "n_gen": 32, "reps": 3}

@@ -199,7 +199,7 @@ class Thresholds(Strict):
 
 class DequantizedSettings(Strict):
     """The int4 method-stream build against the checkpoint carrying the weights phiedge quantized for it
-    (dequant_reference.py): only kernel arithmetic may differ, so the limit holds on every checkpoint."""
+    (checks/dequantized.py): only kernel arithmetic may differ, so the limit holds on every checkpoint."""
 
     eval_tokens: int = Field(512, ge=16, description="first held-out tokens compared")
     logits_rel_rms: float | None = Field(

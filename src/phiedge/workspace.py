@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import OutputError
-from .progress import Progress
+from phiedge.errors import OutputError
+from phiedge.progress import Progress
 
 LEFTOVERS = ("partial", "old")  # .NAME.partial-PID (being written), .NAME.old-PID (being replaced)
 

@@ -1,0 +1,1 @@
+"""`phiedge bench`: llama-bench-style pp/tg records, their comparison and plots."""

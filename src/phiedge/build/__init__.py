@@ -1,0 +1,1 @@
+"""`phiedge build`: plan, Olive, fixes, and the stages that make a checked model folder."""

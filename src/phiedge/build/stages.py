@@ -1,0 +1,211 @@
+"""`phiedge build`: a target's Olive recipe on a checkpoint, checked by phiedge, written atomically.
+
+A build is a list of stages (STAGES), each taking the build's state and adding to it: export (phiedge's
+calibration and quantization, then Olive), fix, check, validate, record. The state is written to a staged
+folder that replaces the output only when every stage has passed."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phiedge import __version__, genai_config
+from phiedge.artifacts import RECORD, REPORT, ModelFolder
+from phiedge.build import graph_fixes, olive, olive_config
+from phiedge.build.exports import Exports
+from phiedge.build.plan import BuildOptions, Plan, plan
+from phiedge.build.record import reproducible, stack_versions
+from phiedge.bundle.smoke import smoke_generate
+from phiedge.checkpoints.checkpoint import parameter_shapes
+from phiedge.checkpoints.corpus import write_calibration
+from phiedge.checks import budget, files, operators
+from phiedge.checks.validate import raise_on_failure, validate
+from phiedge.progress import Progress
+from phiedge.quantize import calibrate, prequant
+from phiedge.workspace import check_output, staged_dir
+
+
+@dataclass
+class Build:
+    """What the stages share: the plan, where the folder is staged, and what each stage found."""
+
+    plan: Plan
+    options: BuildOptions
+    out: Path
+    tmp: Path
+    progress: Progress
+    exports: Exports | None
+    started: float = field(default_factory=time.perf_counter)
+    passes: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    fixed: int = 0
+    runtime: dict = field(default_factory=dict)
+    found: dict = field(default_factory=dict)
+    graph: dict | None = None
+    memory: dict = field(default_factory=dict)
+    report: dict | None = None
+    record: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.work = self.tmp / ".work"
+        self.folder = ModelFolder(self.tmp)  # read once by the stages after the export
+
+
+def calibration(p: Plan, calibration_text: str | None, out: Path, progress: Progress) -> dict | None:
+    """With int4 calibrate: each matrix's input importance from the checkpoint, also written into the output
+    folder (for validation to re-create the same weights; the record describes it)."""
+    if not (p.streamed and p.int4.calibrate):
+        return None
+    progress.step(f"calibrating: input mean squares of every matrix over {calibrate.TOKENS} tokens of "
+                  f"{calibration_text or 'the stdlib training split'}, one decoder layer at a time")
+    importance, run = calibrate.collect(p.checkpoint.path, calibration_text, progress=progress)
+    calibrate.save(out / calibrate.IMPORTANCE, importance, run)
+    progress.step(f"calibration: {run['tokens']} tokens in {run['seconds']} s")
+    prequant.release_memory()
+    return importance
+
+
+def stream_quantize(p: Plan, dest: Path, progress: Progress, importance: dict | None = None) -> None:
+    """Method stream: quantize the checkpoint matrix by matrix into the folder the builder reads."""
+    matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
+    how = {"rtn": "ONNX Runtime's round-to-nearest kernel",
+           "mse": "least-squared-error block scales" + (", weighted by the calibration" if importance else "")}
+    progress.step(f"quantizing {matrices} matrices one at a time ({how[p.int4.quantizer]}, block "
+                  f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits"
+                  f"{', shared with the embedding' if p.int4.embeddings == prequant.SHARED else ''})")
+    with progress.bar(matrices, "quantize") as bar:
+        prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
+                       p.int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=p.int4.quantizer,
+                       eight_bit=p.int4.eight_bit, importance=importance)
+    prequant.release_memory()
+
+
+def export(b: Build) -> None:
+    """The ONNX model folder: reused from a target with the same export, or made (calibrate, quantize, Olive)."""
+    p, progress = b.plan, b.progress
+    b.work.mkdir()
+    progress.step(f"building {p.checkpoint.variant or p.checkpoint.architecture} for {p.target.name} "
+                  f"({p.precision}) with Olive")
+    config = p.olive_config(b.work)
+    if any((d.get("load_dataset_config") or {}).get("data_files") == str(olive_config.calibration_file(b.work))
+           for d in config.get("data_configs") or []):
+        n = write_calibration(olive_config.calibration_file(b.work), b.options.calibration)
+        progress.step(f"calibration: {n} samples from {b.options.calibration or 'the stdlib training split'}")
+    for note in p.notes:
+        progress.warn(note)
+    key = Exports.key(p, b.options.calibration)
+    shared = b.exports.get(key, b.tmp) if b.exports is not None else None
+    if shared is not None:
+        b.files, b.passes, shared_with = shared
+        progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
+        return
+    importance = calibration(p, b.options.calibration, b.tmp, progress)
+    if p.streamed:
+        stream_quantize(p, p.builder_input(b.work), progress, importance)
+    del importance
+    olive_output, b.passes = olive.run_olive(config, b.work, p.checkpoint.config["num_hidden_layers"], progress)
+    b.files = olive.collect(olive_output, b.tmp)
+    if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating
+        shutil.rmtree(p.builder_input(b.work))
+    if p.streamed and p.int4.embeddings == prequant.SHARED:  # before the export is kept for reuse
+        saved = graph_fixes.share_tied_table(b.folder.decoder_file)
+        b.folder.reload()
+        progress.step(f"one table for the embedding and the LM head: {saved / 1e6:.1f} MB less on disk")
+    if b.exports is not None:
+        b.exports.put(key, b.tmp, b.passes, p.target.name)
+
+
+def fix(b: Build) -> None:
+    """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap and thread count."""
+    b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
+    b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
+    b.folder.reload()
+
+
+def check(b: Build) -> None:
+    """The files are whole, the graph suits the provider, it loads and generates here, it fits the device."""
+    p = b.plan
+    b.progress.step("checking the output")
+    b.found = files.check_model_dir(b.folder)
+    if p.target.checks is not None:
+        b.graph = operators.check_graph(b.folder, p.target.execution_provider, p.target.checks)
+    if p.target.runs_here:
+        smoke_generate(b.tmp)
+    b.memory, warning = budget.check(budget.estimate(b.folder), p.target.device, p.target.name)
+    if warning:
+        b.progress.warn(warning)
+    shutil.rmtree(b.work)
+
+
+def numeric_validation(b: Build) -> None:
+    """Against the checkpoint in transformers (where the target runs here): raise when a threshold fails."""
+    p = b.plan
+    if not (b.options.validate and p.target.runs_here):
+        return
+    b.progress.step(f"validating against {p.checkpoint.path} in transformers")
+    b.report = validate(b.folder, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
+                        int4=p.int4 if p.precision == "int4" else None)
+    b.report["built"] = str(b.out.resolve())
+    (b.tmp / REPORT).write_text(json.dumps(reproducible(b.report), indent=2) + "\n")
+    raise_on_failure(b.report)
+
+
+def write_record(b: Build) -> None:
+    """The build record (artifacts.BuildRecord), saved in the folder."""
+    p, report, runs_here = b.plan, b.report, b.plan.target.runs_here
+    b.record = {
+        "phiedge_version": __version__,
+        "target": p.target.name,
+        "recipe": p.recipe_name,
+        "olive_passes": b.passes,
+        "execution_provider": p.target.execution_provider,
+        "bundle": p.target.bundle.model_dump(),
+        "precision": p.precision,
+        "int4": p.int4.model_dump() if p.precision == "int4" else None,
+        "calibration": calibrate.describe(b.tmp / calibrate.IMPORTANCE),
+        "runtime": b.runtime,
+        "source": {"path": str(p.checkpoint.path), "name": Path(p.checkpoint.path).name,
+                   "architecture": p.checkpoint.architecture,
+                   "params": sum(math.prod(s) for s in parameter_shapes(p.checkpoint.config).values()),
+                   "variant": p.checkpoint.variant, "shrunk": p.checkpoint.shrunk,
+                   "notes": list(p.checkpoint.notes)},
+        "fixes": {"layernorm_epsilon_nodes": b.fixed},
+        "notes": list(p.notes),
+        "checks": {"graph": b.graph, "loaded_here": runs_here, "numeric_validation": report is not None,
+                   "not_run_here": None if runs_here else
+                   f"{p.target.execution_provider} is not available on this machine: the graph was checked "
+                   "against the provider's operator list and genai_config.json, not run",
+                   "memory": b.memory},
+        "validation": None if report is None else {
+            "passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
+            **{k: v for k, v in report["metrics"].items() if k != "prompts"},
+            "dequantized": report["dequantized"]},
+        "files": sorted(b.found["files"] + [RECORD] + ([REPORT] if report else [])),
+        "size_bytes": sum((b.tmp / f).stat().st_size for f in b.files),
+        "weights": budget.weight_accounting(b.folder),
+        "build_seconds": round(time.perf_counter() - b.started, 1),
+        "versions": stack_versions(),
+    }
+    (b.tmp / RECORD).write_text(json.dumps(reproducible(b.record), indent=2) + "\n")
+
+
+STAGES = (export, fix, check, numeric_validation, write_record)
+
+
+def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),
+          force: bool = False, progress: Progress | None = None, exports: Exports | None = None) -> dict:
+    """Build, fix up, check and write the model folder; return the build record (also saved in it)."""
+    progress = progress or Progress(quiet=True)
+    p = plan(model_dir, target_name, options)
+    out = Path(out)
+    check_output(out, force)
+    with staged_dir(out, force=force, progress=progress) as tmp:
+        state = Build(p, options, out, tmp, progress, exports)
+        for stage in STAGES:
+            stage(state)
+    progress.step(f"wrote {out}")
+    return state.record

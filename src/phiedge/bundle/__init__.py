@@ -1,0 +1,1 @@
+"""What runs on the device: loading a model folder safely, generating, packaging, verifying bundles."""
