@@ -28,6 +28,7 @@ import faults  # noqa: E402  (tests/faults.py: the damage the tests inject)
 from conftest import SHAPES  # noqa: E402  (the test suite's synth shapes)
 
 from phiedge import catalog
+from phiedge.artifacts import ModelFolder
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
 from phiedge.bundle.generate import load
@@ -54,7 +55,7 @@ CHECKPOINTS = [
 
 def measure(folder: Path, reference: str, int4: Int4Settings, settings: DequantizedSettings, window: int) -> dict:
     model, _ = load(str(folder))
-    every = logits_every_position(folder / "model.onnx")
+    every = logits_every_position(ModelFolder(folder))
     started = time.perf_counter()
     report = dequantized.compare(lambda ids: built_logits(model, ids, every), reference, "int4",
                                        int4, settings, eval_ids(reference, settings.eval_tokens), window)

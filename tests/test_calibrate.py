@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from phiedge.checkpoints.corpus import calibration_ids
+from phiedge.checkpoints.weights import Weights
 from phiedge.checks import dequantized
 from phiedge.cli import cli
 from phiedge.quantize import calibrate, prequant, quantizer
@@ -44,7 +45,7 @@ def test_importance_is_each_inputs_mean_square(checkpoints):
     mean_square = lambda x: (x.double() ** 2).reshape(-1, x.shape[-1]).mean(0).float().numpy()  # noqa: E731
     np.testing.assert_allclose(importance["model.layers.0.self_attn.qkv_proj"], mean_square(normed), rtol=1e-4)
     np.testing.assert_allclose(importance["lm_head"], mean_square(out.hidden_states[-1]), rtol=1e-4)
-    names = {n[: -len(".weight")] for n in prequant.Weights(Path(ckpt)).names() if prequant.is_linear(n)}
+    names = {n[: -len(".weight")] for n in Weights(Path(ckpt)).names() if prequant.is_linear(n)}
     assert set(importance) == names | {"lm_head"}
     down = importance["model.layers.1.mlp.down_proj"]
     assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0) and down.std() > 0
@@ -63,7 +64,7 @@ def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoint
     importance = calibrate.load(calibrated / calibrate.IMPORTANCE, checkpoints["phi-4-mini"])
     dq = record["validation"]["dequantized"]
     assert dq["applies"] and dq["passed"] and dq["metrics"]["logits_rel_rms"] < dq["thresholds"]["logits_rel_rms"] / 2
-    weights = prequant.Weights(Path(checkpoints["phi-4-mini"]))
+    weights = Weights(Path(checkpoints["phi-4-mini"]))
     name = "model.layers.0.mlp.down_proj"
     w = weights.tensor(name + ".weight")
     weighted = quantizer.quantize(w, 4, 128, True, "mse", importance[name])[0]

@@ -19,6 +19,7 @@ from phiedge.build.plan import BuildOptions, plan
 from phiedge.build.stages import build
 from phiedge.checkpoints import corpus
 from phiedge.checkpoints.corpus import split_files
+from phiedge.checkpoints.weights import Weights
 from phiedge.checks import dequantized
 from phiedge.checks.validate import REPORT, ValidationFailed, with_overrides
 from phiedge.cli import cli
@@ -88,7 +89,7 @@ def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoin
                           if name.endswith((".qweight", ".scales", ".qzeros")))  # the norms stay bf16
     settings = Int4Settings(method="stream", **int4)
     transform = dequantized.dequantizer(settings)
-    weights = prequant.Weights(Path(ckpt))
+    weights = Weights(Path(ckpt))
     sources = {**{name[:-len(".weight")]: name for name in weights.names()}, "lm_head": prequant.EMBEDDING}
     quantized = sorted(name[:-len(".qweight")] for name in stored if name.endswith(".qweight"))
     assert len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])

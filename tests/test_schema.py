@@ -69,20 +69,19 @@ def test_chat_format_tokens_must_be_special():
                    pad_token="<a>", template="{{ x }}")
 
 
-def test_recipe_needs_model_builder_and_known_systems():
-    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
-                host="s", target="s")
+def test_recipe_needs_model_builder_and_no_accelerator():
+    base = dict(input_model={"type": "HfModel"})
     with pytest.raises(ValidationError, match="ModelBuilder"):
         Recipe(**base, passes={"q": {"type": "OnnxQuantization"}})
-    with pytest.raises(ValidationError, match="not one of the systems"):
-        Recipe(**{**base, "host": "elsewhere"}, passes={"b": {"type": "ModelBuilder"}})
+    for key in ("systems", "host", "target"):  # the target's provider decides where the workflow runs
+        with pytest.raises(ValidationError, match=f"{key}: the system and its accelerator are the target's"):
+            Recipe(**base, **{key: "s"}, passes={"b": {"type": "ModelBuilder"}})
     Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4"}})
 
 
 def test_recipes_carry_no_int4_settings():
     """They are the target's (and the options'): a recipe's would be overwritten, and read as if they counted."""
-    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
-                host="s", target="s")
+    base = dict(input_model={"type": "HfModel"})
     with pytest.raises(ValidationError, match="b.int4_block_size: int4 settings belong to the target"):
         Recipe(**base, passes={"b": {"type": "ModelBuilder", "precision": "int4", "int4_block_size": 32}})
 
@@ -106,8 +105,7 @@ def test_runs_here_is_the_targets_numeric_check():
 
 def test_builder_boolean_options_must_be_booleans():
     """Olive passes extra_options to the builder unparsed: the string "false" would mean true there."""
-    base = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
-                host="s", target="s")
+    base = dict(input_model={"type": "HfModel"})
     with pytest.raises(ValidationError, match="hf_remote must be true or false, not 'false'"):
         Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": "false"}}})
     Recipe(**base, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False, "hf_token": "false"}}})
@@ -145,8 +143,7 @@ def test_target_parser_never_crashes(data):
         assert exc.problems and all(isinstance(p, str) and p for p in exc.problems)
 
 
-RECIPE = dict(input_model={"type": "HfModel"}, systems={"s": {"type": "LocalSystem", "accelerators": []}},
-              host="s", target="s", passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False}}})
+RECIPE = dict(input_model={"type": "HfModel"}, passes={"b": {"type": "ModelBuilder", "extra_options": {"hf_remote": False}}})
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)

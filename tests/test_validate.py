@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from phiedge import catalog
+from phiedge.artifacts import ModelFolder
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
 from phiedge.checks.validate import (
@@ -235,13 +236,14 @@ def test_logits_every_position_reads_the_graphs_logits_shape(tmp_path, positions
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", positions, 8])],
                               [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", positions, 8])])
     onnx.save(helper.make_model(graph), tmp_path / "model.onnx")
-    assert logits_every_position(tmp_path / "model.onnx") is every
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
+    assert logits_every_position(ModelFolder(tmp_path)) is every
 
 
 def test_default_builds_give_the_last_positions_logits_only(builds):
     from phiedge.checks.validate import logits_every_position
 
-    assert not logits_every_position(builds("phi-4-mini", "int4") / "model.onnx")  # the recipes prune the LM head
+    assert not logits_every_position(ModelFolder(builds("phi-4-mini", "int4")))  # the recipes prune the LM head
 
 
 @pytest.fixture

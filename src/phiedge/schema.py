@@ -306,11 +306,6 @@ class Target(Strict):
         return self.checks is None or self.checks.numeric
 
 
-class OliveSystem(Strict):
-    type: Literal["LocalSystem"]
-    accelerators: list[dict[str, Any]]
-
-
 # ModelBuilder extra options the builder reads as booleans. Olive hands them over without the parsing the
 # builder's own command line does, so the string "false" would count as true.
 BOOLEAN_BUILDER_OPTIONS = {"int4_is_symmetric", "exclude_embeds", "exclude_lm_head", "include_hidden_states",
@@ -342,13 +337,15 @@ class OliveInputModel(Strict):
     load_kwargs: dict[str, Any] | None = None
 
 
+# Where a workflow runs: phiedge writes them from the target's provider (build/olive_config.py); without them
+# plain `olive run --config` uses Olive's default, a local CPU system.
+ACCELERATOR_KEYS = ("systems", "host", "target")
+
+
 class Recipe(Strict):
     """The subset of an Olive workflow config that phiedge recipes may use."""
 
     input_model: OliveInputModel
-    systems: dict[str, OliveSystem]
-    host: str
-    target: str
     passes: dict[str, OlivePass] = Field(min_length=1)
     data_configs: list[dict[str, Any]] | None = None
     log_severity_level: int = 1
@@ -356,11 +353,16 @@ class Recipe(Strict):
     cache_dir: str | None = None
     evaluate_input_model: bool | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_accelerator(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in ACCELERATOR_KEYS):
+            raise ValueError(f"{', '.join(k for k in ACCELERATOR_KEYS if k in data)}: the system and its accelerator "
+                             "are the target's (its execution_provider), not the recipe's")
+        return data
+
     @model_validator(mode="after")
-    def _systems_exist(self) -> Recipe:
-        for role in ("host", "target"):
-            if getattr(self, role) not in self.systems:
-                raise ValueError(f"{role} {getattr(self, role)!r} is not one of the systems")
+    def _one_builder(self) -> Recipe:
         if not any(p.type == "ModelBuilder" for p in self.passes.values()):
             raise ValueError("a recipe needs a ModelBuilder pass (it writes genai_config.json)")
         int4 = sorted(f"{name}.{key}" for name, p in self.passes.items() if p.type == "ModelBuilder"

@@ -44,6 +44,9 @@ def builder_extra_options(precision: str, int4: Int4Settings) -> dict:
     return {}
 
 
+SYSTEM = "local_system"  # the one Olive system a filled recipe runs on, with the target's accelerator
+
+
 def calibration_file(workdir: Path) -> Path:
     return workdir / "calibration.jsonl"
 
@@ -56,9 +59,9 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
     config = copy.deepcopy(recipe)
     model_dir = Path(model_dir)  # a folder that is yet to be made (method stream's) is shown as given
     config["input_model"]["model_path"] = str(model_dir.resolve() if model_dir.exists() else model_dir)
-    for system in config["systems"].values():
-        system["accelerators"] = [{"device": target.provider.olive_device,
-                                   "execution_providers": [target.provider.onnxruntime]}]
+    config["systems"] = {SYSTEM: {"type": "LocalSystem", "accelerators": [
+        {"device": target.provider.olive_device, "execution_providers": [target.provider.onnxruntime]}]}}
+    config["host"] = config["target"] = SYSTEM
     builders = [p for p in config["passes"].values() if p["type"] == "ModelBuilder"]
     if len(builders) != 1:
         raise ConfigError("recipe", [f"expected one ModelBuilder pass, found {len(builders)}"])

@@ -13,6 +13,7 @@ from phiedge import catalog
 from phiedge.build import olive_config
 from phiedge.catalog import pydantic_problems
 from phiedge.checkpoints.checkpoint import Checkpoint, inspect
+from phiedge.checkpoints.weights import Weights
 from phiedge.checks.validate import with_overrides
 from phiedge.errors import ConfigError
 from phiedge.quantize import prequant
@@ -121,7 +122,7 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
             int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
             notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
     if olive_config.streamed(precision, int4) and not why and int4.eight_bit:
-        _, unmatched = prequant.eight_bit_matrices(prequant.Weights(checkpoint.path).names(), int4.eight_bit)
+        _, unmatched = prequant.eight_bit_matrices(Weights(checkpoint.path).names(), int4.eight_bit)
         problems.extend(f"int4 eight_bit pattern {p!r} matches no layer matrix of the checkpoint" for p in unmatched)
     recipe_name = options.recipe or target.recipe
     recipe = catalog.load_recipe(recipe_name)

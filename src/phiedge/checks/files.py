@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from phiedge.artifacts import ModelFolder
 from phiedge.errors import BuildError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def external_data_problems(onnx_path: Path) -> list[str]:
+def external_data_problems(folder: ModelFolder) -> list[str]:
     """Every external tensor's file exists and holds its bytes (a truncated .data crashes at load)."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    onnx_path, model = folder.decoder_file, folder.graph
     sizes: dict[str, int] = {}
     problems = []
     for tensor in model.graph.initializer:
@@ -41,7 +39,7 @@ def check_model_dir(folder: ModelFolder) -> dict:
     missing = [f for f in TOKENIZER_FILES if not (model_dir / f).is_file()]
     if missing:
         raise BuildError(f"{model_dir} lacks tokenizer files: {', '.join(missing)}")
-    problems = external_data_problems(model_dir / filename)
+    problems = external_data_problems(folder)
     if problems:
         raise BuildError(f"{model_dir / filename}: {problems[0]}")
     return {"model_file": filename, "files": sorted(p.name for p in model_dir.iterdir() if p.is_file())}

@@ -69,15 +69,10 @@ def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, tar
         sums.n += len(t)
 
 
-def logits_every_position(model: Path | ModelFolder) -> bool:
+def logits_every_position(folder: ModelFolder) -> bool:
     """Whether the graph gives logits for every input position, or for the last one only (the builder's
-    prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab]). model: an ONNX file or a folder."""
-    if not isinstance(model, ModelFolder):
-        import onnx
-
-        graph = onnx.load(str(model), load_external_data=False).graph
-    else:
-        graph = model.graph.graph
+    prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab])."""
+    graph = folder.graph.graph
     logits = next(o for o in graph.output if o.name == "logits")
     return logits.type.tensor_type.shape.dim[1].dim_value != 1
 

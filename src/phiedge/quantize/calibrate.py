@@ -5,7 +5,7 @@ is sum_j dw_j x_j, whose expected square is (to first order, inputs uncorrelated
 columns whose inputs are large deserve a closer fit. llama.cpp's `llama-imatrix` collects exactly these mean
 squares (its importance matrix) and its quantizers weight their scale search by them; AWQ starts from the
 same observation. phiedge collects them from the checkpoint itself, in fp32, with transformers' own modules:
-the checkpoint runs over the calibration text one decoder layer at a time (reference.load_reference's
+the checkpoint runs over the calibration text one decoder layer at a time (fp32.load_reference's
 layerwise mode: only the embedding table and one layer are in memory), a forward pre-hook on every Linear
 adds up x^2 per input column, and the final norm's output gives the LM head's. The mse search
 (quantizer.search_weights) multiplies its per-weight weights by them.
