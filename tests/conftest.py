@@ -59,7 +59,7 @@ def once(tmp_path_factory, name: str, make) -> Path:
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's root, above each worker's own
     path = root / "shared" / name
-    path.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             make(path)
@@ -68,7 +68,7 @@ def once(tmp_path_factory, name: str, make) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict:
-    return {name: str(once(tmp_path_factory, f"checkpoint-{name}", lambda path, name=name, shrink=shrink:
+    return {name: str(once(tmp_path_factory, f"checkpoints/{name}", lambda path, name=name, shrink=shrink:
                            synth(name, path, shrink, seed=1)))
             for name, shrink in SHAPES.items()}
 
@@ -85,7 +85,7 @@ def builds(tmp_path_factory, checkpoints, request) -> dict:
 
     def get(variant: str, precision: str, target: str = "cpu"):
         source = request.getfixturevalue("trained") if variant == "trained" else checkpoints[variant]
-        return once(tmp_path_factory, f"build-{variant}-{precision}-{target}",
+        return once(tmp_path_factory, f"builds/{variant}-{precision}-{target}",
                     lambda out: build(source, target, out, BuildOptions(precision=precision)))
 
     return get
