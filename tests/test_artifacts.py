@@ -191,3 +191,21 @@ def test_the_floor_rule_catches_an_upward_import():
     graph["phiedge.artifacts"].add("phiedge.cli")
     assert sorted(upward(graph)) == [("phiedge.artifacts", "phiedge.cli"),
                                      ("phiedge.quantize.quantizer", "phiedge.build.stages")]
+
+
+def test_every_exception_class_lives_in_errors():
+    """One home for what can go wrong: a class deriving from an exception anywhere else is a defect."""
+    import ast
+    import builtins
+    from pathlib import Path
+
+    import phiedge
+    from phiedge import errors
+
+    exceptions = {n for n in dir(builtins) if isinstance(getattr(builtins, n), type)
+                  and issubclass(getattr(builtins, n), BaseException)} | set(vars(errors))
+    elsewhere = [f"{path.name}:{node.name}" for path in Path(phiedge.__file__).parent.rglob("*.py")
+                 if path.name != "errors.py" for node in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(node, ast.ClassDef) and any(getattr(b, "id", getattr(b, "attr", None)) in exceptions
+                                                           for b in node.bases)]
+    assert elsewhere == []

@@ -28,18 +28,13 @@ from phiedge.checkpoints.synth import synth as make_checkpoint
 from phiedge.checkpoints.train import train as run_train
 from phiedge.checks.validate import raise_on_failure, raise_unless_enforced, summary_lines, validate_build
 from phiedge.demo import demo
-from phiedge.errors import PhiedgeError
+from phiedge.errors import PhiedgeError, Terminated
 from phiedge.models import recommend as recommend_variant
 from phiedge.models import rows as variant_rows
 from phiedge.progress import Progress
 from phiedge.release import index as release_index
 from phiedge.release import release
 from phiedge.schema import Int4Settings, Target, choices
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a scheduler's timeout) taken as Ctrl-C: the same cleanup runs (partial outputs
-    removed, the Olive child stopped) instead of the process vanishing mid-write."""
 
 
 def _terminated(signum, frame):

@@ -72,3 +72,8 @@ class NotEnforced(PhiedgeError):
 
 class OutputError(PhiedgeError):
     """The output path cannot be written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's timeout) taken as Ctrl-C: the same cleanup runs (partial outputs
+    removed, the Olive child stopped) instead of the process vanishing mid-write."""
