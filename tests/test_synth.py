@@ -37,7 +37,7 @@ def test_checkpoint_is_complete_and_consistent(checkpoints):
     assert config.tie_word_embeddings and config.rope_scaling["type"] == "longrope"
     assert len(tok) <= config.vocab_size == 2048
     fmt = catalog.chat_formats()["phi4-mini"]
-    assert tok.convert_ids_to_tokens(config.eos_token_id) == fmt.eos_tokens[0]
+    assert tok.convert_ids_to_tokens(config.eos_token_id) == fmt.config_eos
     assert tok.convert_ids_to_tokens(config.bos_token_id) == fmt.bos_token
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|user|>hi<|end|><|assistant|>"

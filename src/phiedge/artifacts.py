@@ -84,6 +84,7 @@ class Runtime(Lenient):
     max_length: int
     context_length: int | None = None
     intra_op_num_threads: int
+    generation: dict = {}  # the checkpoint's stop tokens and sampling defaults, as written (genai_config)
 
 
 class Checks(Closed):

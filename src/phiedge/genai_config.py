@@ -8,6 +8,9 @@ from pathlib import Path
 from phiedge.errors import BuildError
 
 FILE = "genai_config.json"
+GENERATION_CONFIG = "generation_config.json"
+# generation_config.json's sampling defaults that onnxruntime-genai's search options take, by the same name
+SAMPLING = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
 def read(model_dir: Path) -> dict:
@@ -37,3 +40,46 @@ def apply_runtime(model_dir: Path, context_cap: int, threads: int) -> dict:
     session["intra_op_num_threads"] = threads
     write(model_dir, config)
     return {"max_length": max_length, "context_length": context_length, "intra_op_num_threads": threads}
+
+
+def generation_settings(checkpoint_dir: Path) -> dict:
+    """What the checkpoint's generation_config.json says about stopping and sampling (read as JSON: nothing in
+    a checkpoint is run); {} without one. A list eos_token_id is every token that ends generation."""
+    path = Path(checkpoint_dir) / GENERATION_CONFIG
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BuildError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BuildError(f"{path} holds no JSON object")
+    eos = data.get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) else eos
+    if eos is not None and not (isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                        for i in ids)):
+        raise BuildError(f"{path}: eos_token_id must be a token id or a list of them, not {eos!r}")
+    found = {"eos_token_id": ids} if eos is not None else {}
+    for key in ("bos_token_id", "pad_token_id"):
+        if isinstance(data.get(key), int):
+            found[key] = data[key]
+    search = {k: data[k] for k in SAMPLING if isinstance(data.get(k), (int, float)) and not
+              (k != "do_sample" and isinstance(data[k], bool))}
+    if search:
+        found["search"] = search
+    return found
+
+
+def apply_generation(model_dir: Path, checkpoint_dir: Path) -> dict:
+    """Stop tokens and sampling defaults from the checkpoint's generation_config.json, written into
+    genai_config.json (the builder reads them too, but drops them silently on any error); return them."""
+    settings = generation_settings(checkpoint_dir)
+    if not settings:
+        return {}
+    config = read(model_dir)
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if key in settings:
+            config["model"][key] = settings[key]
+    config.setdefault("search", {}).update(settings.get("search", {}))
+    write(model_dir, config)
+    return settings

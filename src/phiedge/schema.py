@@ -50,17 +50,24 @@ class ChatFormat(Strict):
     description: str
     special_tokens: list[str] = Field(min_length=1, description="added tokens, in id order")
     bos_token: str
-    eos_tokens: list[str] = Field(min_length=1, description="tokens that end generation; the first is config eos")
+    eos_tokens: list[str] = Field(min_length=1, description="tokens that end generation: generation_config.json's "
+                                                             "eos_token_id list, in its order")
+    eos_token: str | None = Field(None, description="config.json's and the tokenizer's eos (default: the first of "
+                                                    "eos_tokens)")
     pad_token: str
     template: str = Field(description="Jinja chat template, as in tokenizer_config.json")
 
     @model_validator(mode="after")
     def _tokens_are_special(self) -> ChatFormat:
         known = set(self.special_tokens)
-        for token in [self.bos_token, self.pad_token, *self.eos_tokens]:
+        for token in [self.bos_token, self.pad_token, self.config_eos, *self.eos_tokens]:
             if token not in known:
                 raise ValueError(f"{token!r} is not among special_tokens")
         return self
+
+    @property
+    def config_eos(self) -> str:
+        return self.eos_token or self.eos_tokens[0]
 
 
 class Variant(Strict):

@@ -120,9 +120,11 @@ def export(b: Build) -> None:
 
 
 def fix(b: Build) -> None:
-    """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap and thread count."""
+    """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap, the thread count, and the
+    checkpoint's stop tokens and sampling defaults."""
     b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
     b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
+    b.runtime["generation"] = genai_config.apply_generation(b.tmp, b.plan.checkpoint.path)
     b.folder.reload()
 
 

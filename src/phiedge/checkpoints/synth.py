@@ -126,7 +126,7 @@ def _save_tokenizer(out: Path, fmt: ChatFormat, vocab_size: int, max_len: int) -
                                     f"{300 + len(fmt.special_tokens)} ids at least"])
     tok = train_tokenizer(n_bpe, fmt.special_tokens)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=fmt.bos_token, eos_token=fmt.eos_tokens[0], pad_token=fmt.pad_token,
+        tokenizer_object=tok, bos_token=fmt.bos_token, eos_token=fmt.config_eos, pad_token=fmt.pad_token,
         unk_token=None, model_max_length=max_len, clean_up_tokenization_spaces=False)
     fast.chat_template = fmt.template
     fast.save_pretrained(out)
@@ -160,7 +160,7 @@ def synth(like: str, out: str | Path, shrink: Shrink = Shrink(), seed: int = 0, 
     with staged_dir(out, force=force) as tmp:
         ids = _save_tokenizer(tmp, fmt, cfg["vocab_size"], cfg["max_position_embeddings"])
         cfg["bos_token_id"] = ids[fmt.bos_token]
-        cfg["eos_token_id"] = ids[fmt.eos_tokens[0]]
+        cfg["eos_token_id"] = ids[fmt.config_eos]
         cfg["pad_token_id"] = ids[fmt.pad_token]
         arch = cfg.pop("architectures")
         config = AutoConfig.for_model(cfg.pop("model_type"), architectures=arch, **cfg)

@@ -1,0 +1,134 @@
+"""phiedge's data against the published Phi files (tests/fixtures/real-phi: configs, generation and tokenizer
+settings, MIT-licensed, no weights), and what a build writes from a checkpoint's generation_config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phiedge import catalog
+from phiedge.build.plan import BuildOptions
+from phiedge.build.stages import build
+from phiedge.checkpoints.synth import Shrink, synth
+from phiedge.errors import BuildError
+from phiedge.genai_config import apply_generation, generation_settings
+
+REAL = Path(__file__).parent / "fixtures" / "real-phi"
+# variant -> the published folder its config.json values come from (the launch revision where the current one
+# was not found: tests/fixtures/real-phi/SOURCES.md)
+PUBLISHED = {"phi-2": "phi-2", "phi-3-mini-4k": "phi-3-mini-4k-instruct/launch-2024-04",
+             "phi-3-mini-128k": "phi-3-mini-128k-instruct", "phi-3.5-mini": "phi-3.5-mini-instruct",
+             "phi-4-mini": "phi-4-mini-instruct", "phi-4": "phi-4/launch-2025-01"}
+# Keys that say nothing about the architecture phiedge builds: training settings, provenance, and what only the
+# checkpoint's own remote code reads (phiedge never runs it).
+NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "auto_map", "use_cache", "initializer_range",
+                    "attention_dropout", "embd_pdrop", "resid_pdrop", "full_attn_mod", "interpolate_factor"}
+# Where a variant follows a newer published file than the config.json found: phi-4's tokens follow its current
+# tokenizer_config.json (eos <|im_end|>, pad <|dummy_85|>); the launch config.json had <|endoftext|> for both.
+NEWER = {("phi-4", "eos_token_id"), ("phi-4", "pad_token_id")}
+
+
+def real(folder: str, name: str) -> dict:
+    return json.loads((REAL / folder / name).read_text())
+
+
+def token_ids(folder: str) -> dict[str, int]:
+    """Added token -> id, from the tokenizer_config.json of the folder or the current one above it."""
+    path = REAL / folder / "tokenizer_config.json"
+    if not path.is_file():
+        path = REAL / folder.split("/")[0] / "tokenizer_config.json"
+    return {t["content"]: int(i) for i, t in json.loads(path.read_text())["added_tokens_decoder"].items()}
+
+
+@pytest.mark.parametrize("variant", sorted(PUBLISHED))
+def test_variant_configs_are_the_published_ones(variant):
+    """Every published architecture value is in variants/*.yaml, and every value there is the published one."""
+    ours = catalog.find_variant(variant).config
+    published = {k: v for k, v in real(PUBLISHED[variant], "config.json").items() if k not in NOT_ARCHITECTURE}
+    differ = {k: (ours.get(k, "<absent>"), published.get(k, "<absent>")) for k in set(ours) | set(published)
+              if ours.get(k, "<absent>") != published.get(k, "<absent>") and (variant, k) not in NEWER}
+    assert differ == {}
+
+
+def test_phi_4s_tokens_follow_its_current_tokenizer():
+    ours, tokens = catalog.find_variant("phi-4").config, token_ids("phi-4")
+    current = real("phi-4", "tokenizer_config.json")
+    assert ours["eos_token_id"] == tokens[current["eos_token"]] == tokens["<|im_end|>"] == 100265
+    assert ours["pad_token_id"] == tokens[current["pad_token"]] == tokens["<|dummy_85|>"] == 100349
+    assert ours["eos_token_id"] in real(PUBLISHED["phi-4"], "generation_config.json")["eos_token_id"]
+
+
+@pytest.mark.parametrize("variant", [v for v in sorted(PUBLISHED)
+                                     if (REAL / PUBLISHED[v] / "generation_config.json").is_file()])
+def test_chat_formats_stop_where_the_checkpoints_do(variant):
+    """The chat format's stop tokens are generation_config.json's, and its eos, bos and pad are config.json's."""
+    folder, fmt = PUBLISHED[variant], catalog.chat_formats()[catalog.find_variant(variant).chat_format]
+    by_id = {i: t for t, i in token_ids(folder).items()}
+    stops = real(folder, "generation_config.json")["eos_token_id"]
+    assert {by_id[i] for i in stops} == set(fmt.eos_tokens) and len(stops) == len(fmt.eos_tokens)
+    config = catalog.find_variant(variant).config
+    assert by_id[config["eos_token_id"]] == fmt.config_eos
+    assert by_id[config["pad_token_id"]] == fmt.pad_token
+
+
+def test_the_chat_templates_are_the_published_ones():
+    """Byte for byte where the fixture has the current tokenizer_config.json (Phi-3-mini's differ: the format's
+    comment says how)."""
+    for variant, folder in (("phi-3.5-mini", "phi-3.5-mini-instruct"), ("phi-4-mini", "phi-4-mini-instruct"),
+                            ("phi-4", "phi-4")):
+        fmt = catalog.chat_formats()[catalog.find_variant(variant).chat_format]
+        assert fmt.template == real(folder, "tokenizer_config.json")["chat_template"], variant
+
+
+def test_generation_settings_are_read_as_data(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [7, 8], "pad_token_id": 7, "do_sample": True, "temperature": 0.6, "top_p": 0.9,
+         "custom_logits_processor": "evil.module.Class"}))
+    assert generation_settings(tmp_path) == {"eos_token_id": [7, 8], "pad_token_id": 7,
+                                             "search": {"do_sample": True, "temperature": 0.6, "top_p": 0.9}}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "7"}))
+    with pytest.raises(BuildError, match="eos_token_id must be a token id or a list of them"):
+        generation_settings(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{")
+    with pytest.raises(BuildError, match="not JSON"):
+        generation_settings(tmp_path)
+    assert generation_settings(tmp_path / "none") == {}
+
+
+def test_apply_generation_writes_what_the_builder_may_leave_out(tmp_path):
+    """The builder reads generation_config.json inside a bare `except: pass`; phiedge writes the stops itself."""
+    (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"eos_token_id": 7, "pad_token_id": 7},
+                                                            "search": {"top_k": 50}}))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, 8, 7], "temperature": 0.7}))
+    assert apply_generation(tmp_path, ckpt) == {"eos_token_id": [9, 8, 7], "search": {"temperature": 0.7}}
+    assert json.loads((tmp_path / "genai_config.json").read_text()) == {
+        "model": {"eos_token_id": [9, 8, 7], "pad_token_id": 7}, "search": {"top_k": 50, "temperature": 0.7}}
+
+
+def test_a_build_stops_and_samples_as_the_checkpoint_says(tmp_path):
+    """A Phi-3.5-mini-shaped checkpoint stops on all three of its generation_config.json tokens (Phi-3.5 ends a
+    turn with <|end|> but may also emit <|assistant|> or <|endoftext|>), and its sampling defaults reach the
+    search options; the record says what was written."""
+    ckpt = Path(synth("phi-3.5-mini", tmp_path / "ckpt", Shrink(layers=1, heads=2, intermediate=256, vocab=2048),
+                      seed=4)["path"])
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    assert len(gen["eos_token_id"]) == 3
+    gen.update(do_sample=True, temperature=0.6, top_p=0.9)
+    (ckpt / "generation_config.json").write_text(json.dumps(gen))
+    record = build(ckpt, "cpu", tmp_path / "out", BuildOptions(precision="fp32", validate=False))
+    written = json.loads((tmp_path / "out" / "genai_config.json").read_text())
+    assert written["model"]["eos_token_id"] == gen["eos_token_id"]
+    assert {k: written["search"][k] for k in ("do_sample", "temperature", "top_p")} == \
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    assert record["runtime"]["generation"]["eos_token_id"] == gen["eos_token_id"]
+
+
+def test_real_fixture_files_carry_the_licence():
+    notice = (REAL / "README.md").read_text()
+    assert "MIT License" in notice and "Copyright (c) Microsoft Corporation." in notice
+    assert not [p for p in REAL.rglob("*") if p.suffix in (".safetensors", ".bin", ".onnx", ".model")]
+    assert sum(p.stat().st_size for p in REAL.rglob("*") if p.is_file()) < 1_000_000
