@@ -121,7 +121,11 @@ def test_build_through_the_cli(runner, checkpoints, tmp_path):
                                  "--context-cap", "1024", "--threads", "1", "-q"])
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)
-    assert record["runtime"] == {"max_length": 1024, "context_length": 4096, "intra_op_num_threads": 1}
+    runtime = dict(record["runtime"])
+    generation = runtime.pop("generation")  # the checkpoint's generation_config.json, as written
+    assert runtime == {"max_length": 1024, "context_length": 4096, "intra_op_num_threads": 1}
+    written = json.loads((out / "genai_config.json").read_text())["model"]
+    assert generation["eos_token_id"] == written["eos_token_id"] and len(generation["eos_token_id"]) == 3  # <|end|>, <|assistant|>, <|endoftext|>
     saved = json.loads((out / "phiedge_build.json").read_text())  # the same, less what is true of one run only
     assert "build_seconds" in record and "path" in record["source"]
     assert saved == {**{k: v for k, v in record.items() if k != "build_seconds"},

