@@ -42,6 +42,13 @@ def apply_runtime(model_dir: Path, context_cap: int, threads: int) -> dict:
     return {"max_length": max_length, "context_length": context_length, "intra_op_num_threads": threads}
 
 
+def is_sampling_value(key: str, value) -> bool:
+    """do_sample is a boolean; the others are numbers (a JSON true is not one)."""
+    if key == "do_sample":
+        return isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def generation_settings(checkpoint_dir: Path) -> dict:
     """What the checkpoint's generation_config.json says about stopping and sampling (read as JSON: nothing in
     a checkpoint is run); {} without one. A list eos_token_id is every token that ends generation."""
@@ -63,8 +70,7 @@ def generation_settings(checkpoint_dir: Path) -> dict:
     for key in ("bos_token_id", "pad_token_id"):
         if isinstance(data.get(key), int):
             found[key] = data[key]
-    search = {k: data[k] for k in SAMPLING if isinstance(data.get(k), (int, float)) and not
-              (k != "do_sample" and isinstance(data[k], bool))}
+    search = {k: data[k] for k in SAMPLING if k in data and is_sampling_value(k, data[k])}
     if search:
         found["search"] = search
     return found

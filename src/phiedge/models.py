@@ -46,8 +46,8 @@ def int4_footprint(v: Variant, context: int = CONTEXTS[0], target: str = "cpu") 
     elif s.embeddings == SHARED and cfg.get("tie_word_embeddings"):
         table, head = 0, at(s.lm_head_bits, embed)  # stored once, read by the lookup and the LM head
     else:
-        table = embed * 4 if s.embeddings == "float" else at(EMBEDDING_BITS[s.embeddings if s.embeddings in
-                                                                             EMBEDDING_BITS else "int8"], embed)
+        # an untied checkpoint under embeddings shared gets an int8 table of its own (build/plan.py)
+        table = embed * 4 if s.embeddings == "float" else at(EMBEDDING_BITS.get(s.embeddings, 8), embed)
         head = at(s.lm_head_bits, embed)
     weights = int(at(4, layers) + head + table)
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]

@@ -49,10 +49,12 @@ class Build:
     memory: dict = field(default_factory=dict)
     report: dict | None = None
     record: dict = field(default_factory=dict)
+    work: Path = field(init=False)  # Olive's and the quantizer's scratch, inside the staged folder
+    folder: ModelFolder = field(init=False)  # read once by the stages after the export
 
     def __post_init__(self):
         self.work = self.tmp / ".work"
-        self.folder = ModelFolder(self.tmp)  # read once by the stages after the export
+        self.folder = ModelFolder(self.tmp)
 
 
 def calibration(p: Plan, calibration_text: str | None, out: Path, progress: Progress) -> dict | None:
