@@ -5,10 +5,12 @@
     python benchmarks/dequant_check.py --only phi-4-mini           # checkpoints whose name has this text
 
 Each checkpoint is built with method stream (the cpu target's settings unless the row says otherwise) and
-compared by validation's own code (dequantized.compare, the built logits as validation reads them)
-with the checkpoint carrying the dequantized weights: the healthy build, then, for the checkpoints marked
-so, each fault of tests/faults.py injected into a copy of it. A threshold belongs between the largest
-healthy value and the smallest damaged one.
+compared by validation's own code (the built logits as validation reads them) with the checkpoint carrying
+the healthy build's dequantized weights: the healthy build, then, for the checkpoints marked so, each fault
+of tests/faults.py injected into a copy of it. "digests" is how many quantized matrices of the copy no
+longer match the build's record (what validation fails on first); the logits columns show what the
+comparison alone would see. A threshold belongs between the largest healthy value and the smallest
+damaged one whose digests hold.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from phiedge.checkpoints.synth import Shrink, synth
 from phiedge.checks import dequantized
 from phiedge.checks.validate import built_logits, logits_every_position
 from phiedge.demo import DEMO_SHRINK
-from phiedge.schema import DequantizedSettings, Int4Settings
+from phiedge.schema import DequantizedSettings
 
 # (name, variant, shrink, int4 overrides of the cpu target, inject the faults)
 CHECKPOINTS = [
@@ -53,13 +55,17 @@ CHECKPOINTS = [
 ]
 
 
-def measure(folder: Path, reference: str, int4: Int4Settings, settings: DequantizedSettings, window: int) -> dict:
+def measure(folder: Path, healthy: Path, reference: str, settings: DequantizedSettings, window: int) -> dict:
     model, _ = load(str(folder))
-    every = logits_every_position(ModelFolder(folder))
+    built = ModelFolder(folder)
+    every = logits_every_position(built)
     started = time.perf_counter()
-    report = dequantized.compare(lambda ids: built_logits(model, ids, every), reference, "int4",
-                                       int4, settings, eval_ids(reference, settings.eval_tokens), window)
-    return {**report["metrics"], "seconds": round(time.perf_counter() - started, 1)}
+    recorded = dequantized.digests_of(built)
+    wrong = dequantized.mismatched(dequantized.GraphWeights(built), recorded)
+    truth = dequantized.load(reference, dequantized.GraphWeights(ModelFolder(healthy)), recorded)
+    values = dequantized.metrics(truth, lambda ids: built_logits(model, ids, every),
+                                 eval_ids(reference, settings.eval_tokens), window)
+    return {"digests": len(wrong), **values, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def rows_for(name: str, checkpoint: str, int4: dict, with_faults: bool, work: Path) -> list[dict]:
@@ -67,10 +73,9 @@ def rows_for(name: str, checkpoint: str, int4: dict, with_faults: bool, work: Pa
     record = build(checkpoint, "cpu", out, BuildOptions(precision="int4", int4=int4, validate=False))
     settings = catalog.find_target("cpu").validation
     # no limits: measure, do not judge
-    dq = settings.dequantized.model_copy(update={"logits_rel_rms": None})
-    settings_int4 = Int4Settings(**record["int4"])
-    rows = [{"checkpoint": name, "build": "healthy",
-             **measure(out, checkpoint, settings_int4, dq, settings.window)}]
+    dq = settings.dequantized
+    rows = [{"checkpoint": name, "build": "healthy", "int4": record["int4"],
+             **measure(out, out, checkpoint, dq, settings.window)}]
     if with_faults:
         for fault, inject in faults.FAULTS.items():
             damaged = work / "damaged"
@@ -78,15 +83,16 @@ def rows_for(name: str, checkpoint: str, int4: dict, with_faults: bool, work: Pa
             shutil.copytree(out, damaged)
             what = inject(damaged)
             rows.append({"checkpoint": name, "build": fault, "changed": what,
-                         **measure(damaged, checkpoint, settings_int4, dq, settings.window)})
+                         **measure(damaged, out, checkpoint, dq, settings.window)})
     shutil.rmtree(out)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| checkpoint | build | logits rel. RMS | KL mean | KL max | top-1 | seconds |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['checkpoint']} | {r['build']} | {r['logits_rel_rms']:.3g} | {r['kl_mean']:.2e} | "
+    lines = ["| checkpoint | build | digests | logits rel. RMS | KL mean | KL max | top-1 | seconds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['checkpoint']} | {r['build']} | {r['digests']} | {r['logits_rel_rms']:.3g} | "
+              f"{r['kl_mean']:.2e} | "
               f"{r['kl_max']:.2e} | {r['top1']:.3f} | {r['seconds']} |" for r in rows]
     return "\n".join(lines)
 

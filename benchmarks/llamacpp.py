@@ -91,9 +91,13 @@ ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
       "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}),
     ("b32 mse --calibrate, one shared 8-bit table", "int4",
      {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
+    *[(f"b{block} gptq, one shared 8-bit table{qkv}", "int4",
+       {"block_size": block, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8,
+        "eight_bit": ["model.layers.0.self_attn.qkv_proj"] if qkv else []})
+      for block in (256, 128, 64, 32) for qkv in ("", ", 8-bit qkv_proj in layer 0")],
 ]
 GGUF_SETTINGS = ["f32", "Q4_0", "Q4_K_S", "Q4_K_M"]  # f32 is the converter's output, the others llama.cpp's quantizer's
-IMATRIX_CHUNKS = 16  # of WINDOW tokens: phiedge's calibrate.TOKENS
+IMATRIX_CHUNKS = 16  # of WINDOW tokens: twice phiedge's calibrate.TOKENS (the tables' llama.cpp rows kept this)
 
 
 def require() -> None:

@@ -351,7 +351,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     parser.add_argument("-r", "--repetitions", type=int, default=5,
                         help="interleaved repetitions: each loads every runtime in turn and times each test once")
-    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "lm8", "shared"],
+    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "block128"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
@@ -378,15 +378,10 @@ def main() -> int:
             log("phiedge at block 32")
             b32 = phiedge_build(model_dir, work / "phiedge-b32", args.threads, "--block-size", "32")
             peers.append(phiedge_peer(b32, "cpu target at block 32"))
-        if "lm8" not in args.skip:
-            log("phiedge with an 8-bit LM head")
-            lm8 = phiedge_build(model_dir, work / "phiedge-lm8", args.threads, "--lm-head-bits", "8")
-            peers.append(phiedge_peer(lm8, "cpu target, 8-bit LM head"))
-        if "shared" not in args.skip:
-            log("phiedge with one 8-bit table for the embedding and the LM head")
-            shared = phiedge_build(model_dir, work / "phiedge-shared", args.threads, "--embeddings", "shared",
-                                   "--lm-head-bits", "8")
-            peers.append(phiedge_peer(shared, "cpu target, one shared 8-bit table"))
+        if "block128" not in args.skip:
+            log("phiedge at block 128")
+            b128 = phiedge_build(model_dir, work / "phiedge-b128", args.threads, "--block-size", "128")
+            peers.append(phiedge_peer(b128, "cpu target at block 128"))
         if "unpruned" not in args.skip:
             log("phiedge without prune_lm_head")
             unpruned = phiedge_unpruned(model_dir, work / "unpruned", args.threads)

@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 from click.testing import CliRunner
+from filelock import FileLock
 
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build

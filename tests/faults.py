@@ -122,10 +122,37 @@ def swap_tensors(folder: Path, first: str = "layers.0.attn.o_proj", second: str 
     return _edit(folder, change)
 
 
+def rewire(folder: Path, first: str = "layers.0.attn.o_proj", second: str = "layers.1.attn.o_proj") -> str:
+    """Two same-shaped MatMulNBits nodes reading each other's weights, every initializer intact (a graph wired
+    wrongly: the weights' digests hold, the logits must not)."""
+    import onnx
+
+    folder = Path(folder)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    names = {f"{matmul(n)}.{part}": f"{matmul(m)}.{part}" for n, m in ((first, second), (second, first))
+             for part in ("qweight", "scales")}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.input[:] = [names.get(i, i) for i in node.input]
+    (folder / "model.onnx").unlink()
+    onnx.save_model(model, str(folder / "model.onnx"))  # the data file stays where the initializers say
+    return f"{first} <-> {second}"
+
+
+def norm(folder: Path, name: str = "model.layers.0.input_layernorm.weight", factor: float = 3.0) -> str:
+    """One norm's weight multiplied: a float tensor phiedge did not quantize, so no digest covers it."""
+    def change(a):
+        a[name] = a[name] * np.float32(factor)
+        return [name]
+    return _edit(folder, change)
+
+
 FAULTS = {
     "damaged data file (64 KiB overwritten mid-file)": overwrite_data,
     "wrong scales (layers.0 o_proj scales x2)": scale,
     "swapped rows (layers.0 o_proj halves)": swap_rows,
     "transposed weight (layers.0 o_proj)": transpose,
     "swapped tensors (layers.0 and layers.1 o_proj)": swap_tensors,
+    "rewired graph (layers.0 and layers.1 o_proj read each other's weights)": rewire,
+    "wrong norm (layers.0 input_layernorm x3)": norm,
 }

@@ -35,7 +35,8 @@ def test_int4_build_loads_and_generates(builds, variant):
     tokens = list(generate(model, list(tokenizer.encode("def main():")), max_new_tokens=16))
     assert len(tokens) == 16
     record = json.loads((out / "phiedge_build.json").read_text())
-    assert record["precision"] == "int4" and record["int4"]["block_size"] == 128
+    # the target's block 256 does not divide the tests' widths (384 and 512; phi-2's 320 and 640): the plan's fallback
+    assert record["precision"] == "int4" and record["int4"]["block_size"] == (64 if variant == "phi-2" else 128)
     assert record["source"]["variant"] == variant and record["source"]["shrunk"]
 
 
@@ -92,6 +93,18 @@ def test_context_cap_and_threads_options(checkpoints, tmp_path):
 def test_bad_options_are_config_errors(checkpoints, options, words):
     with pytest.raises(ConfigError, match=words):
         plan(checkpoints["phi-4-mini"], "cpu", options)
+
+
+def test_a_block_that_does_not_divide_the_widths_falls_back_unless_asked_for(checkpoints):
+    """The target's block 256 divides every published Phi's widths, not the tests' 384: the plan takes the largest
+    block that does and says so; a block the user asked for is refused instead of quietly changed."""
+    p = plan(checkpoints["phi-4-mini"], "cpu")
+    assert p.int4.block_size == 128 and any("256 does not divide" in n and "block 128 instead" in n for n in p.notes)
+    # every int4 method needs it: Olive's rtn and gptq refuse "in_features 384 must be divisible by group_size 256"
+    assert plan(checkpoints["phi-2"], "cpu").int4.block_size == 64  # widths 320 and 640
+    uneven = r"block_size 256 does not divide the checkpoint's matrix widths \(384, 512\)"
+    with pytest.raises(ConfigError, match=uneven):
+        plan(checkpoints["phi-4-mini"], "cpu", BuildOptions(int4={"block_size": 256}))
 
 
 def test_all_option_problems_reported_together(checkpoints):

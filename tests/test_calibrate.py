@@ -1,23 +1,20 @@
-"""`--calibrate`: importance from the checkpoint over calibration text, weighting the mse search, re-created by
-validation from the build folder."""
+"""`--calibrate`: importance from the checkpoint over calibration text, weighting the mse search and driving GPTQ,
+recorded in the build folder."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from phiedge.artifacts import WEIGHTS
+from phiedge.build.plan import BuildOptions, plan
 from phiedge.checkpoints.corpus import calibration_ids
 from phiedge.checkpoints.weights import Weights
-from phiedge.checks import dequantized
 from phiedge.cli import cli
 from phiedge.quantize import calibrate, prequant, quantizer
-from phiedge.schema import Int4Settings
-
-CALIBRATED = {"quantizer": "mse", "calibrate": True}
 
 
 @pytest.fixture(scope="module")
@@ -51,62 +48,54 @@ def test_importance_is_each_inputs_mean_square(checkpoints):
     assert down.shape == (model.config.intermediate_size,) and np.all(down >= 0) and down.std() > 0
 
 
-def test_calibrated_build_records_and_uses_its_importance(calibrated, checkpoints, tmp_path):
-    """The build folder holds the importance and the record says where it came from; the stored weights are
-    the importance-weighted search's (not the unweighted one's), and validation re-created them."""
+def test_calibrated_build_records_its_calibration(calibrated, checkpoints, tmp_path):
+    """The build folder holds the importance and the record says where it came from; the cpu target's layers
+    are GPTQ's (not the mse search's), and its dequantized check held them to their digests."""
     from safetensors import safe_open
 
     record = json.loads((calibrated / "phiedge_build.json").read_text())
-    assert record["int4"]["calibrate"] and record["int4"]["quantizer"] == "mse"
+    assert record["int4"]["calibrate"] and record["int4"]["quantizer"] == "gptq"
     assert record["calibration"] == {"file": calibrate.IMPORTANCE, "source": "stdlib training split",
-                                     "tokens": calibrate.TOKENS, "windows": 16, "window": 512}
-    assert calibrate.IMPORTANCE in record["files"]
-    importance = calibrate.load(calibrated / calibrate.IMPORTANCE, checkpoints["phi-4-mini"])
+                                     "tokens": calibrate.TOKENS, "windows": calibrate.TOKENS // 512, "window": 512}
+    assert calibrate.IMPORTANCE in record["files"] and WEIGHTS in record["files"]
     dq = record["validation"]["dequantized"]
     assert dq["applies"] and dq["passed"] and dq["metrics"]["logits_rel_rms"] < dq["thresholds"]["logits_rel_rms"] / 2
+    with safe_open(str(calibrated / calibrate.IMPORTANCE), framework="np") as f:
+        importance = {k: f.get_tensor(k) for k in f.keys()}
+        assert list(f.metadata()) == [calibrate.METADATA]  # one key: a map of several is written in hash order
     weights = Weights(Path(checkpoints["phi-4-mini"]))
     name = "model.layers.0.mlp.down_proj"
     w = weights.tensor(name + ".weight")
-    weighted = quantizer.quantize(w, 4, 128, True, "mse", importance[name])[0]
-    plain = quantizer.quantize(w, 4, 128, True, "mse")[0]
-    assert not np.array_equal(weighted, plain)
-    transform = dequantized.dequantizer(Int4Settings(method="stream", block_size=128, embeddings="shared",
-                                                           lm_head_bits=8, **CALIBRATED), importance)
-    expected = quantizer.dequantize(weighted, quantizer.quantize(w, 4, 128, True, "mse", importance[name])[1], None,
-                                    4, 128, tuple(w.shape))
-    assert np.array_equal(transform(name + ".weight", w.float()).numpy(), expected)
-    with safe_open(str(calibrated / calibrate.IMPORTANCE), framework="np") as f:
-        assert list(f.metadata()) == [calibrate.METADATA]  # one key: a map of several is written in hash order
+    searched = prequant.digest(*quantizer.quantize(w, 4, 128, True, "mse", importance[name]))
+    recorded = json.loads((calibrated / WEIGHTS).read_text())["matrices"]
+    assert recorded[name] != searched  # GPTQ moved the weights
     again = tmp_path / "again"
     calibrate.save(again, importance, {"tokens": 5, "source": "x", "window": 1, "windows": 5, "seconds": 1.0})
     calibrate.save(tmp_path / "again2", importance, {"windows": 5, "window": 1, "source": "x", "tokens": 5})
     assert again.read_bytes() == (tmp_path / "again2").read_bytes()
 
 
-def test_validation_needs_the_importance_the_build_used(calibrated, checkpoints, runner, tmp_path):
-    """Without its importance file, or with another one, a calibrated build cannot be re-created: a missing or
-    unreadable file is one line; an unweighted reference would not be the build's weights."""
-    folder = tmp_path / "copy"
-    shutil.copytree(calibrated, folder)
-    (folder / calibrate.IMPORTANCE).unlink()
-    result = runner.invoke(cli, ["validate", str(folder), "--reference", checkpoints["phi-4-mini"]])
-    assert result.exit_code == 1 and "built with calibrate" in result.output and "Traceback" not in result.output
-    (folder / calibrate.IMPORTANCE).write_bytes(b"not safetensors")
-    result = runner.invoke(cli, ["validate", str(folder), "--reference", checkpoints["phi-4-mini"]])
-    assert result.exit_code == 1 and "not a readable safetensors file" in result.output
-    importance = calibrate.load(calibrated / calibrate.IMPORTANCE, checkpoints["phi-4-mini"])
-    calibrate.save(folder / calibrate.IMPORTANCE, {k: v[:-1] for k, v in importance.items()}, {"tokens": 1})
-    result = runner.invoke(cli, ["validate", str(folder), "--reference", checkpoints["phi-4-mini"]])
-    assert result.exit_code == 1 and "no valid importance for" in result.output
+def test_the_mse_search_is_weighted_by_the_importance(checkpoints, tmp_path):
+    """--quantizer mse with calibration: every layer matrix's stored blocks are the importance-weighted
+    search's, which differ from the unweighted one's."""
+    ckpt = Path(checkpoints["phi-4-mini"])
+    importance, _ = calibrate.collect(ckpt, tokens=200, window=100)
+    _, weighted = prequant.write(ckpt, tmp_path / "w", 128, True, 8, "shared", quantizer="mse", importance=importance)
+    _, plain = prequant.write(ckpt, tmp_path / "p", 128, True, 8, "shared", quantizer="mse")
+    name = "model.layers.0.mlp.down_proj"
+    w = Weights(ckpt).tensor(name + ".weight")
+    assert weighted[name] == prequant.digest(*quantizer.quantize(w, 4, 128, True, "mse", importance[name]))
+    assert weighted[name] != plain[name] and weighted["model.embed_tokens"] != plain["model.embed_tokens"]
 
 
 def test_calibrate_options_are_checked(runner, checkpoints, tmp_path):
-    """--calibrate implies mse; with rtn, or the builder's quantization, it is refused before anything runs."""
+    """--calibrate needs mse or gptq, gptq needs --calibrate; with rtn, or the builder's quantization, it is
+    refused before anything runs."""
     ckpt = checkpoints["phi-4-mini"]
-    for extra, message in [(["--quantizer", "rtn"], "calibrate weights the mse search"),
-                           (["--int4-method", "builder"], "need method: stream")]:
-        result = runner.invoke(cli, ["build", "--target", "cpu", "--model", ckpt, "-o", str(tmp_path / "x"),
-                                     "--calibrate", *extra])
+    for extra, message in [(["--calibrate", "--quantizer", "rtn"], "calibrate weights the quantizer"),
+                           (["--calibrate", "--int4-method", "builder"], "need method: stream"),
+                           (["--no-calibrate", "--quantizer", "gptq"], "quantizer gptq needs calibrate")]:
+        result = runner.invoke(cli, ["build", "--target", "cpu", "--model", ckpt, "-o", str(tmp_path / "x"), *extra])
         assert result.exit_code != 0 and message in result.output and not (tmp_path / "x").exists()
     result = runner.invoke(cli, ["build", "--target", "cpu", "--model", ckpt, "-o", str(tmp_path / "x"),
                                  "--calibrate", "--calibration", str(tmp_path / "none.txt")])
@@ -116,3 +105,13 @@ def test_calibrate_options_are_checked(runner, checkpoints, tmp_path):
     result = runner.invoke(cli, ["build", "--target", "cpu", "--model", ckpt, "-o", str(tmp_path / "x"),
                                  "--calibrate", "--calibration", str(empty), "--no-validate"])
     assert result.exit_code == 1 and "too little to calibrate on" in result.output and not (tmp_path / "x").exists()
+
+
+def test_calibrate_switches_fill_in_the_quantizer(checkpoints):
+    """--calibrate on a round-to-nearest target means mse; --no-calibrate on a gptq target means mse, said."""
+    ckpt = checkpoints["phi-4-mini"]
+    p = plan(ckpt, "cpu", BuildOptions(int4={"calibrate": False}))
+    assert p.int4.quantizer == "mse" and not p.int4.calibrate and any("gptq" in n for n in p.notes)
+    p = plan(ckpt, "cpu", BuildOptions(int4={"quantizer": "rtn", "calibrate": False}))
+    assert p.int4.quantizer == "rtn"
+    assert plan(ckpt, "cpu", BuildOptions(int4={"calibrate": True})).int4.quantizer == "gptq"

@@ -58,7 +58,7 @@ def test_targets_lists_cpu(runner):
     assert (shown["windows-dml"]["provider"], shown["windows-dml"]["validated_here"]) == ("dml", False)
     assert (shown["cpu"]["int4_method"], shown["cpu"]["table"], shown["windows-dml"]["table"]) == \
         ("stream", "shared", "float")
-    assert (shown["cpu"]["quantizer"], shown["cpu"]["calibrate"], shown["cpu"]["lm_head_bits"]) == ("mse", True, 8)
+    assert (shown["cpu"]["quantizer"], shown["cpu"]["calibrate"], shown["cpu"]["lm_head_bits"]) == ("gptq", True, 8)
     table = runner.invoke(cli, ["targets"]).output
     assert "ram_gb" in table and "ios" in table and "int4_method" in table
 

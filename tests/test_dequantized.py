@@ -4,6 +4,7 @@ checkpoint (random weights included)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -12,23 +13,30 @@ import numpy as np
 import pytest
 
 from phiedge import catalog
-from phiedge.artifacts import RECORD
+from phiedge.artifacts import RECORD, WEIGHTS, ModelFolder
 from phiedge.build import graph_fixes
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, plan
 from phiedge.build.stages import build
 from phiedge.checkpoints import corpus
 from phiedge.checkpoints.corpus import split_files
-from phiedge.checkpoints.weights import Weights
 from phiedge.checks import dequantized
 from phiedge.checks.validate import REPORT, ValidationFailed, with_overrides
 from phiedge.cli import cli
 from phiedge.quantize import prequant, quantizer
 from phiedge.schema import Int4Settings
 
-FAULTS = {"damaged data file": faults.overwrite_data, "wrong scales": faults.scale,
-          "swapped rows": faults.swap_rows, "transposed weight": faults.transpose,
-          "swapped tensors": faults.swap_tensors}
+# Each fault, and the metric that must name it: damage to a quantized matrix changes its digest; a graph that
+# reads intact weights wrongly, or a float tensor no digest covers, changes the logits.
+FAULTS = {"damaged data file": (faults.overwrite_data, "weights_sha256"),
+          "wrong scales": (faults.scale, "weights_sha256"),
+          "swapped rows": (faults.swap_rows, "weights_sha256"),
+          "transposed weight": (faults.transpose, "weights_sha256"),
+          "swapped tensors": (faults.swap_tensors, "weights_sha256"),
+          "rewired graph": (faults.rewire, "logits_rel_rms"),
+          "wrong norm": (faults.norm, "logits_rel_rms")}
+MESSAGES = {"weights_sha256": r"weights_sha256: \d+ of \d+ quantized matrices in the graph are missing or differ",
+            "logits_rel_rms": r"logits_rel_rms \S+ against the dequantized reference exceeds the maximum"}
 
 
 def test_relative_rms_ignores_a_shift_and_measures_the_rest():
@@ -48,63 +56,78 @@ def test_relative_rms_ignores_a_shift_and_measures_the_rest():
     assert scaled["logits_rel_rms"] == pytest.approx(0.1, rel=1e-5) and scaled["positions"] == 300
 
 
-def test_layerwise_dequantized_reference_is_the_whole_one(checkpoints):
-    """Big models get the reference one layer at a time: same dequantized weights, same logits; the tied LM
-    head is quantized apart from the table (4 bits, table 8)."""
+def test_layerwise_dequantized_reference_is_the_whole_one(builds, checkpoints):
+    """Big models get the reference one layer at a time: same dequantized weights, same logits; the LM head is
+    the graph's, quantized apart from the table (the session's build shares one 8-bit table: both are it)."""
     import torch
 
-    int4 = Int4Settings(method="stream", block_size=128, embeddings="int8")
+    folder = ModelFolder(builds("phi-4-mini", "int4"))
+    graph, recorded = dequantized.GraphWeights(folder), dequantized.digests_of(folder)
     ids = torch.tensor([[1, 5, 9, 200, 7, 3]])
-    whole = dequantized.load(checkpoints["phi-4-mini"], int4, layerwise=False)
-    layerwise = dequantized.load(checkpoints["phi-4-mini"], int4, layerwise=True)
+    whole = dequantized.load(checkpoints["phi-4-mini"], graph, recorded, layerwise=False)
+    layerwise = dequantized.load(checkpoints["phi-4-mini"], graph, recorded, layerwise=True)
     original = dequantized.load_reference(checkpoints["phi-4-mini"], layerwise=False)
     with torch.no_grad():
         a, b, c = (m(ids).logits for m in (whole, layerwise, original))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert (a - c).abs().max() > 1e-3  # the quantization error is in it
-    assert whole.lm_head.weight is not whole.model.embed_tokens.weight
-    assert not torch.equal(whole.lm_head.weight, whole.model.embed_tokens.weight)
-    table = original.model.embed_tokens.weight.detach()
-    expected = quantizer.dequantize(*quantizer.quantize(table, 8, 128, True), 8, 128, tuple(table.shape))
-    assert np.array_equal(whole.model.embed_tokens.weight.detach().numpy(), expected)
+    table = whole.model.embed_tokens.weight.detach().numpy()
+    assert np.array_equal(table, whole.lm_head.weight.detach().numpy())  # one shared table
+    packed, scales, zeros, bits, block = graph.arrays("lm_head")
+    assert bits == 8 and np.array_equal(table, quantizer.dequantize(packed, scales, zeros, 8, block, table.shape))
 
 
 @pytest.mark.parametrize("int4", [{"block_size": 128, "symmetric": True, "embeddings": "int8", "lm_head_bits": 4,
                                    "quantizer": "rtn", "eight_bit": []},
                                   {"block_size": 32, "symmetric": False, "embeddings": "int4", "lm_head_bits": 8,
                                    "quantizer": "mse", "eight_bit": ["*.qkv_proj", "model.layers.1.*"]}])
-def test_the_reference_has_the_weights_the_quantized_checkpoint_stores(checkpoints, tmp_path, int4):
-    """Every matrix prequant.write stores, dequantized, is the reference's weight for it: same tensors, bits,
-    block, symmetry, quantizer and 8-bit layer matrices (a change to what write quantizes, and how, shows here first)."""
-    import torch
+def test_digests_are_of_the_tensors_the_quantized_checkpoint_stores(checkpoints, tmp_path, int4):
+    """prequant.write's digest of every matrix is the SHA-256 of the packed weight, scales and zero points it
+    stores, and there is one for every matrix it quantized (the table and the LM head included)."""
     from safetensors import safe_open
 
     ckpt = checkpoints["phi-4-mini"]
-    prequant.write(Path(ckpt), tmp_path / "q", int4["block_size"], int4["symmetric"], int4["lm_head_bits"],
-                   int4["embeddings"], quantizer=int4["quantizer"], eight_bit=int4["eight_bit"])
+    _, digests = prequant.write(Path(ckpt), tmp_path / "q", int4["block_size"], int4["symmetric"],
+                                int4["lm_head_bits"], int4["embeddings"], quantizer=int4["quantizer"],
+                                eight_bit=int4["eight_bit"])
     stored = {}
     for path in (tmp_path / "q").glob("*.safetensors"):
         with safe_open(str(path), framework="pt") as f:
             stored.update((name, f.get_tensor(name).numpy()) for name in f.keys()
                           if name.endswith((".qweight", ".scales", ".qzeros")))  # the norms stay bf16
-    settings = Int4Settings(method="stream", **int4)
-    transform = dequantized.dequantizer(settings)
-    weights = Weights(Path(ckpt))
-    sources = {**{name[:-len(".weight")]: name for name in weights.names()}, "lm_head": prequant.EMBEDDING}
     quantized = sorted(name[:-len(".qweight")] for name in stored if name.endswith(".qweight"))
-    assert len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])
+    assert sorted(digests) == quantized and len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])
     for prefix in quantized:
-        source = sources[prefix]
-        name = "lm_head.weight" if prefix == "lm_head" else source
-        bits = dequantized.bits_of(name, settings)
-        tensor = weights.tensor(source).to(torch.float32)
-        expected = quantizer.dequantize(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"],
-                                        None if int4["symmetric"] else stored[f"{prefix}.qzeros"], bits,
-                                        int4["block_size"], tuple(tensor.shape))
-        got = transform(name, tensor)
-        assert np.array_equal(got.numpy(), expected), prefix
-    norm = "model.layers.0.input_layernorm.weight"
-    assert torch.equal(transform(norm, weights.tensor(norm)), weights.tensor(norm))  # stored as it is
+        zeros = None if int4["symmetric"] else stored[f"{prefix}.qzeros"]
+        assert digests[prefix] == prequant.digest(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"], zeros)
+    assert len(set(digests.values())) == len(digests)
+
+
+def test_the_graph_holds_the_recorded_weights(builds):
+    """Every matrix the build recorded is in the graph with that digest (gate_up_proj split by the builder into
+    gate and up, the shared table as the LM head's tensors), and nothing quantized is unrecorded."""
+    folder = ModelFolder(builds("phi-4-mini", "int4"))
+    graph, recorded = dequantized.GraphWeights(folder), dequantized.digests_of(folder)
+    assert dequantized.mismatched(graph, recorded) == []
+    assert len(graph.matrices["model.layers.0.mlp.gate_up_proj"]) == 2
+    assert "model.embed_tokens" in recorded.matrices and "lm_head" not in recorded.matrices
+    changed = recorded.model_copy(update={"matrices": {**recorded.matrices, "model.layers.0.mlp.down_proj": "0" * 64}})
+    assert dequantized.mismatched(graph, changed) == ["model.layers.0.mlp.down_proj"]
+    fewer = recorded.model_copy(update={"matrices": {k: v for k, v in recorded.matrices.items()
+                                                     if k != "model.layers.1.self_attn.o_proj"}})
+    assert dequantized.mismatched(graph, fewer) == ["model.layers.1.self_attn.o_proj"]
+
+
+def test_validation_needs_the_digests(builds, checkpoints, runner, tmp_path):
+    """Without its digest file, or with an unreadable one, a method-stream build cannot be checked: one line."""
+    folder = tmp_path / "copy"
+    shutil.copytree(builds("phi-4-mini", "int4"), folder)
+    (folder / WEIGHTS).unlink()
+    result = runner.invoke(cli, ["validate", str(folder), "--reference", checkpoints["phi-4-mini"]])
+    assert result.exit_code == 1 and "has no phiedge_weights.json" in result.output and "Traceback" not in result.output
+    (folder / WEIGHTS).write_text('{"block_size": 128}')
+    result = runner.invoke(cli, ["validate", str(folder), "--reference", checkpoints["phi-4-mini"]])
+    assert result.exit_code == 1 and "phiedge_weights.json" in result.output and "Traceback" not in result.output
 
 
 def test_the_check_applies_to_method_stream_int4_only():
@@ -160,7 +183,7 @@ def short_text(tmp_path):
 def damaged_copy(builds, tmp_path, fault: str):
     damaged = tmp_path / "damaged"
     shutil.copytree(builds("phi-4-mini", "int4"), damaged)
-    FAULTS[fault](damaged)
+    FAULTS[fault][0](damaged)
     return damaged
 
 
@@ -172,11 +195,14 @@ def test_a_broken_synth_int4_build_fails_validate(builds, checkpoints, tmp_path,
     assert result.exit_code == 1, result.output
     error = result.output.strip().splitlines()[-1]
     assert error.startswith("Error: ") and "Traceback" not in result.output
-    assert "logits_rel_rms" in error and "against the dequantized reference exceeds the maximum" in error
+    assert re.search(MESSAGES[FAULTS[fault][1]], error), error
     assert "top1" not in error  # the original's thresholds stay unenforced on random weights
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] is False and report["dequantized"]["failures"]
-    assert report["dequantized"]["metrics"]["positions"] >= 64
+    if FAULTS[fault][1] == "logits_rel_rms":
+        assert report["dequantized"]["metrics"]["positions"] >= 64
+    else:
+        assert report["dequantized"]["digests"]["mismatched"]
 
 
 @pytest.fixture(scope="module")
@@ -216,11 +242,11 @@ def test_a_broken_synth_int4_build_fails_build(checkpoints, export, tmp_path, mo
     fix = graph_fixes.layernorm_epsilon
 
     def damaged_then_fixed(model_file, config):
-        FAULTS[fault](model_file.parent)
+        FAULTS[fault][0](model_file.parent)
         return fix(model_file, config)
 
     monkeypatch.setattr(graph_fixes, "layernorm_epsilon", damaged_then_fixed)
     out = tmp_path / "out"
-    with pytest.raises(ValidationFailed, match=r"logits_rel_rms \S+ against the dequantized reference exceeds"):
+    with pytest.raises(ValidationFailed, match=MESSAGES[FAULTS[fault][1]]):
         build(checkpoints["phi-4-mini"], "cpu", out, BuildOptions(), exports=export)
     assert not out.exists()

@@ -42,13 +42,14 @@ def test_all_targets_give_bundles_and_an_index(first):
     assert "dml is not available" in by["windows-dml"]["not_validated_because"]
     md = (dist / "RELEASE.md").read_text()
     assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 3
-    # ios reuses android's export (same recipe and int4 settings); cpu (block 128) and windows-dml have their own
-    assert progress.count("reusing the export made for target android") == 1 and "made for target cpu" not in progress
+    # the first of android, cpu and ios (same recipe, provider and int4 settings) makes the export the other two
+    # reuse; windows-dml has its own
+    assert progress.count("reusing the export made for target android") == 2 and "made for target cpu" not in progress
 
 
 def test_two_runs_give_identical_bundles(first, checkpoints, tmp_path):
-    """Rebuilt from scratch, the calibrated targets (cpu, and android, whose export ios shares) give the same
-    bytes: their importance, mse search and shared table are deterministic."""
+    """Rebuilt from scratch, the calibrated targets (android, and cpu, which shares its export) give the same
+    bytes: their calibration, GPTQ and shared table are deterministic."""
     dist, shown, _ = first
     again = release(checkpoints["phi-4-mini"], ["android", "cpu"], tmp_path / "again", run_bench=False)
     assert [(b["file"], b["sha256"]) for b in again["bundles"]] == \

@@ -28,8 +28,9 @@ def test_block_size_must_be_a_power_of_two_in_range(size):
     ({"quantizer": "mse"}, "quantizer mse, eight_bit and calibrate need method: stream"),
     ({"eight_bit": ["model.layers.0.mlp.down_proj"]}, "eight_bit and calibrate need method: stream"),
     ({"calibrate": True, "quantizer": "mse"}, "calibrate need method: stream"),
-    ({"method": "stream", "calibrate": True}, "calibrate weights the mse search: it needs quantizer mse"),
-    ({"method": "stream", "quantizer": "gptq"}, "quantizer"),
+    ({"method": "stream", "calibrate": True}, "calibrate weights the quantizer: it needs quantizer mse or gptq"),
+    ({"method": "stream", "quantizer": "gptq"}, "quantizer gptq needs calibrate"),
+    ({"method": "stream", "quantizer": "awq"}, "quantizer"),
     ({"method": "stream", "algorithm": "k_quant_mixed"}, "method stream needs algorithm default"),
     ({"method": "stream", "float_nodes": ["/lm_head/MatMul"]}, "no float_nodes"),
     ({"method": "stream", "shared_embeddings": True}, "separate embeddings"),
@@ -42,6 +43,7 @@ def test_int4_stream_settings_go_together(settings, message):
         Int4Settings(**settings)
     Int4Settings(method="stream", embeddings="int4", lm_head_bits=8, symmetric=False, quantizer="mse",
                  eight_bit=["model.layers.*.mlp.down_proj"], calibrate=True)  # all stream options at once
+    Int4Settings(method="stream", quantizer="gptq", calibrate=True, symmetric=False)
     Int4Settings(method="stream", embeddings="shared", lm_head_bits=8, symmetric=False)  # 8-bit zero points fit
 
 

@@ -138,7 +138,7 @@ def test_write_quantizes_a_shared_table_once(checkpoints, tmp_path):
     from safetensors import safe_open
 
     ckpt = checkpoints["phi-4-mini"]
-    quant = prequant.write(Path(ckpt), tmp_path / "q", 128, True, lm_head_bits=8, embeddings="shared")
+    quant, _ = prequant.write(Path(ckpt), tmp_path / "q", 128, True, lm_head_bits=8, embeddings="shared")
     assert quant["tie_word_embeddings"] and quant["embeds"]  # Olive's loader makes its LM head the table
     assert quant["overrides"] == {"model.embed_tokens": {"bits": 8}}
     names = set()

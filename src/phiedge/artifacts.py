@@ -38,6 +38,7 @@ from phiedge.errors import ArtifactError, BundleError
 
 RECORD = "phiedge_build.json"  # the build record, in the model folder
 REPORT = "validation.json"  # the validation report, in the model folder when the build validated
+WEIGHTS = "phiedge_weights.json"  # the quantized matrices' digests, in an int4 method-stream model folder
 GENAI_CONFIG = genai_config.FILE  # the model builder's, edited by phiedge (genai_config.apply_runtime)
 MANIFEST = "manifest.json"  # at a bundle's root
 SIGNATURE = "manifest.json.minisig"  # minisign's own name for a detached signature of manifest.json
@@ -136,6 +137,18 @@ class ValidationReport(Lenient):
     dequantized: dict[str, Any] | None = None
     passed: bool | None
     note: str | None = None
+
+
+# --- the quantized weights' digests (phiedge_weights.json) ----------------------------------------------------
+
+class WeightDigests(Closed):
+    """What phiedge quantized for an int4 method-stream build: each matrix (checkpoint name without .weight;
+    model.embed_tokens for a table of its own or the shared one) by the SHA-256 of its packed weight, scales and
+    zero points in the checkpoint's row order (prequant.digest). The dequantized check reads the weights from
+    the graph and holds them to these digests."""
+    block_size: StrictInt
+    symmetric: bool
+    matrices: dict[str, StrictStr]
 
 
 # --- the bundle manifest (manifest.json) ---------------------------------------------------------------------

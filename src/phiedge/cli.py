@@ -208,14 +208,16 @@ def train_command(out, like, steps, seed, force):
                    "--lm-head-bits, stored once (tied checkpoints). All but float need --int4-method stream.")
 @click.option("--lm-head-bits", type=click.Choice(choices(Int4Settings, "lm_head_bits")), default=None, help="Bits of the LM head (8: stream).")
 @click.option("--quantizer", type=click.Choice(choices(Int4Settings, "quantizer")), default=None,
-              help="How --int4-method stream picks each block's scale: rtn (round to nearest, ONNX Runtime's "
-                   "kernel) or mse (least squared error, never worse than rtn; same size and speed).")
+              help="How --int4-method stream rounds each matrix: rtn (round to nearest, ONNX Runtime's kernel), "
+                   "mse (least squared error, never worse than rtn) or gptq (rounding errors compensated from the "
+                   "calibration; needs --calibrate). Same size and speed.")
 @click.option("--eight-bit", "eight_bit", multiple=True, metavar="PATTERN",
               help="Keep the layer matrices this pattern names at 8 bits (stream; repeatable), e.g. "
                    "'model.layers.*.mlp.down_proj'. Replaces the target's list.")
 @click.option("--calibrate/--no-calibrate", default=None,
-              help="Weight the mse search by each matrix's input mean squares over calibration text (--calibration "
-                   "FILE, default stdlib source), collected one layer at a time; implies --quantizer mse.")
+              help="Weight the quantizer by each matrix's inputs over calibration text (--calibration FILE, default "
+                   "stdlib source), collected one layer at a time; on an rtn target implies --quantizer mse, "
+                   "--no-calibrate on a gptq target means mse.")
 @click.option("--context-cap", type=int, default=None, help="Override the target's max_length (KV cache size).")
 @click.option("--threads", type=int, default=None, help="Override intra-op threads in genai_config.json.")
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
@@ -236,7 +238,7 @@ def build_command(target_name, all_targets, model_dir, out, precision, block_siz
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
                                   lm_head_bits=lm_head_bits and int(lm_head_bits),
-                                  quantizer=quantizer or ("mse" if calibrate else None), calibrate=calibrate,
+                                  quantizer=quantizer, calibrate=calibrate,
                                   eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))

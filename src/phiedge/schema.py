@@ -152,14 +152,17 @@ class Int4Settings(Strict):
                                           "names without .weight, e.g. model.layers.0.mlp.down_proj or "
                                           "model.layers.*.self_attn.qkv_proj (stream only; the LM head has "
                                           "lm_head_bits, the table embeddings)")
-    quantizer: Literal["rtn", "mse"] = Field(
-        "rtn", description="how method stream chooses each block's scale: rtn, ONNX Runtime's round to nearest "
-                           "with the block's absolute maximum; mse, the scale (and zero point) of least squared "
-                           "error, never worse than rtn's for any block (stream only; same bytes and kernels)")
+    quantizer: Literal["rtn", "mse", "gptq"] = Field(
+        "rtn", description="how method stream rounds each matrix: rtn, ONNX Runtime's round to nearest with the "
+                           "block's absolute maximum as scale; mse, the scale (and zero point) of least squared "
+                           "error, never worse than rtn's for any block; gptq, each column's rounding error "
+                           "compensated by the columns after it, from the calibration's input second moments "
+                           "(needs calibrate; blocks' scales by mse). Stream only; same bytes and kernels")
     calibrate: bool = Field(
-        False, description="weight the mse search by each input column's mean square over calibration text, "
-                           "collected from the checkpoint one decoder layer at a time (llama.cpp's importance "
-                           "matrix; stream with quantizer mse)")
+        False, description="run the checkpoint over calibration text one decoder layer at a time and weight the "
+                           "quantizer by each Linear's inputs: their mean squares weight the mse search "
+                           "(llama.cpp's importance matrix), their second-moment matrices drive gptq (stream "
+                           "with quantizer mse or gptq)")
 
     @field_validator("block_size")
     @classmethod
@@ -184,8 +187,11 @@ class Int4Settings(Strict):
             problems.append("separate embeddings (set embeddings: int4, int8 or shared instead)")
         if problems:
             raise ValueError("method stream needs " + ", ".join(problems) + " (or choose method builder)")
-        if self.calibrate and self.quantizer != "mse":
-            raise ValueError("calibrate weights the mse search: it needs quantizer mse (rtn has nothing to weight)")
+        if self.calibrate and self.quantizer == "rtn":
+            raise ValueError("calibrate weights the quantizer: it needs quantizer mse or gptq "
+                             "(rtn has nothing to weight)")
+        if self.quantizer == "gptq" and not self.calibrate:
+            raise ValueError("quantizer gptq needs calibrate: it is driven by the inputs' second moments")
         if self.embeddings == "shared" and self.lm_head_bits == 4 and not self.symmetric:
             raise ValueError("a shared 4-bit table must be symmetric: GatherBlockQuantized cannot read "
                              "MatMulNBits' packed 4-bit zero points (8 bits can)")

@@ -12,7 +12,7 @@ from phiedge.build.plan import Plan
 
 class Exports:
     """Olive outputs kept for reuse within one run: targets whose recipe, precision, int4 settings and
-    provider agree (with today's targets: android and ios) share one export. Weight files are hard-linked
+    provider agree (with today's targets: cpu, android and ios) share one export. Weight files are hard-linked
     (nothing writes them after the builder); the small files are copied, since phiedge edits them."""
 
     def __init__(self, folder: Path):

@@ -17,7 +17,7 @@ from phiedge.checkpoints.weights import Weights
 from phiedge.checks.validate import with_overrides
 from phiedge.errors import ConfigError
 from phiedge.quantize import prequant
-from phiedge.schema import Int4Settings, Target, ValidationSettings, int4_used, method_defaults
+from phiedge.schema import BLOCK_SIZES, Int4Settings, Target, ValidationSettings, int4_used, method_defaults
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,12 @@ def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
         notes.append(f"int4 method builder: {', '.join(builder_only)} is the builder's quantization setting")
     if merged["method"] == "builder":
         merged.update({k: v for k, v in BUILDER_METHOD.items() if k not in overrides})
+    if "quantizer" not in overrides and overrides.get("calibrate") is not None:
+        if merged["calibrate"] and merged["quantizer"] == "rtn":  # --calibrate on a round-to-nearest target
+            merged["quantizer"] = "mse"
+        elif not merged["calibrate"] and merged["quantizer"] == "gptq":  # --no-calibrate: gptq has no inputs
+            merged["quantizer"] = "mse"
+            notes.append("int4 quantizer mse instead of the target's gptq, which needs the calibration")
     return merged
 
 
@@ -90,9 +96,11 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     notes = []
     try:
         int4 = Int4Settings(**merge_int4(target.int4, options.int4, notes))
+        int4_parsed = True
     except ValidationError as exc:
         problems.extend(f"int4 {p}" for p in pydantic_problems(exc))
         int4 = target.int4
+        int4_parsed = False  # its problems are reported; the checks below would only repeat them
     cap = options.context_cap if options.context_cap is not None else target.context_cap
     if cap < 1:
         problems.append(f"context cap must be at least 1, not {cap}")
@@ -121,6 +129,16 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         else:  # the target's default: a table of its own at the LM head's bits
             int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
             notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")
+    widths = prequant.input_widths(checkpoint.config) if precision == "int4" and int4_parsed else []
+    if any(w % int4.block_size for w in widths):
+        uneven = (f"int4 block_size {int4.block_size} does not divide the checkpoint's matrix widths "
+                  f"({', '.join(map(str, widths))})")
+        if "block_size" in options.int4:
+            problems.append(uneven)
+        else:  # the target's default on a checkpoint of unusual widths (every published Phi's divide by 256)
+            fit = max(b for b in BLOCK_SIZES if b <= int4.block_size and not any(w % b for w in widths))
+            int4 = int4.model_copy(update={"block_size": fit})
+            notes.append(f"{uneven}: block {fit} instead")
     if olive_config.streamed(precision, int4) and not why and int4.eight_bit:
         _, unmatched = prequant.eight_bit_matrices(Weights(checkpoint.path).names(), int4.eight_bit)
         problems.extend(f"int4 eight_bit pattern {p!r} matches no layer matrix of the checkpoint" for p in unmatched)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phiedge import __version__, genai_config
-from phiedge.artifacts import RECORD, REPORT, ModelFolder
+from phiedge.artifacts import RECORD, REPORT, WEIGHTS, ModelFolder, WeightDigests
 from phiedge.build import graph_fixes, olive, olive_config
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, Plan, plan
@@ -57,32 +57,43 @@ class Build:
         self.folder = ModelFolder(self.tmp)
 
 
-def calibration(p: Plan, calibration_text: str | None, out: Path, progress: Progress) -> dict | None:
-    """With int4 calibrate: each matrix's input importance from the checkpoint, also written into the output
-    folder (for validation to re-create the same weights; the record describes it)."""
-    if not (p.streamed and p.int4.calibrate):
-        return None
-    progress.step(f"calibrating: input mean squares of every matrix over {calibrate.TOKENS} tokens of "
-                  f"{calibration_text or 'the stdlib training split'}, one decoder layer at a time")
-    importance, run = calibrate.collect(p.checkpoint.path, calibration_text, progress=progress)
-    calibrate.save(out / calibrate.IMPORTANCE, importance, run)
-    progress.step(f"calibration: {run['tokens']} tokens in {run['seconds']} s")
-    prequant.release_memory()
-    return importance
-
-
-def stream_quantize(p: Plan, dest: Path, progress: Progress, importance: dict | None = None) -> None:
-    """Method stream: quantize the checkpoint matrix by matrix into the folder the builder reads."""
-    matrices = prequant.count_matrices(p.checkpoint.path, p.int4.embeddings)
+def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None, progress: Progress) -> None:
+    """Method stream: calibrate if the settings ask, then quantize the checkpoint matrix by matrix into the
+    folder the builder reads. The calibration's importance (what it was collected from) and every quantized
+    matrix's digest (what the dequantized check holds the graph to) go into the output folder."""
+    int4 = p.int4
+    matrices = prequant.count_matrices(p.checkpoint.path, int4.embeddings)
+    source = calibration_text or "the stdlib training split"
+    calibration = importance = moments = None
+    if int4.calibrate:
+        calibration = calibrate.Calibration(p.checkpoint.path, calibration_text,
+                                            progress=None if int4.quantizer == "gptq" else progress)
+        importance = calibration.importance  # filled as the calibration runs
+        if int4.quantizer == "gptq":  # the layers are quantized as the calibration reaches them
+            moments = calibration.layers(full=True)
+            progress.step(f"calibrating over {calibrate.TOKENS} tokens of {source}, one decoder layer at a time, "
+                          "each layer quantized by GPTQ from its inputs' second moments")
+        else:
+            progress.step(f"calibrating: input mean squares of every matrix over {calibrate.TOKENS} tokens of "
+                          f"{source}, one decoder layer at a time")
+            for _ in calibration.layers():
+                pass
+            progress.step(f"calibration: {calibration.run['tokens']} tokens in {calibration.run['seconds']} s")
+            prequant.release_memory()
     how = {"rtn": "ONNX Runtime's round-to-nearest kernel",
-           "mse": "least-squared-error block scales" + (", weighted by the calibration" if importance else "")}
-    progress.step(f"quantizing {matrices} matrices one at a time ({how[p.int4.quantizer]}, block "
-                  f"{p.int4.block_size}, LM head at {p.int4.lm_head_bits} bits"
-                  f"{', shared with the embedding' if p.int4.embeddings == prequant.SHARED else ''})")
+           "mse": "least-squared-error block scales" + (", weighted by the calibration" if importance else ""),
+           "gptq": "GPTQ for the layers, least-squared-error block scales for the LM head"}
+    progress.step(f"quantizing {matrices} matrices one at a time ({how[int4.quantizer]}, block "
+                  f"{int4.block_size}, LM head at {int4.lm_head_bits} bits"
+                  f"{', shared with the embedding' if int4.embeddings == prequant.SHARED else ''})")
     with progress.bar(matrices, "quantize") as bar:
-        prequant.write(p.checkpoint.path, dest, p.int4.block_size, p.int4.symmetric, p.int4.lm_head_bits,
-                       p.int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=p.int4.quantizer,
-                       eight_bit=p.int4.eight_bit, importance=importance)
+        _, digests = prequant.write(p.checkpoint.path, dest, int4.block_size, int4.symmetric, int4.lm_head_bits,
+                                    int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=int4.quantizer,
+                                    eight_bit=int4.eight_bit, importance=importance, second_moments=moments)
+    if calibration is not None:
+        calibrate.save(out / calibrate.IMPORTANCE, calibration.importance, calibration.run)
+    (out / WEIGHTS).write_text(WeightDigests(block_size=int4.block_size, symmetric=int4.symmetric,
+                                             matrices=digests).model_dump_json(indent=2) + "\n")
     prequant.release_memory()
 
 
@@ -105,10 +116,8 @@ def export(b: Build) -> None:
         b.files, b.passes, shared_with = shared
         progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
         return
-    importance = calibration(p, b.options.calibration, b.tmp, progress)
     if p.streamed:
-        stream_quantize(p, p.builder_input(b.work), progress, importance)
-    del importance
+        stream_quantize(p, p.builder_input(b.work), b.tmp, b.options.calibration, progress)
     olive_output, b.passes = olive.run_olive(config, b.work, p.checkpoint.config["num_hidden_layers"], progress)
     b.files = olive.collect(olive_output, b.tmp)
     if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating

@@ -1,44 +1,47 @@
 """The built model against the checkpoint carrying the dequantized weights phiedge gave the builder.
 
-With int4 method stream, phiedge quantizes every matrix itself (prequant.write). Quantizing and dequantizing
-each weight again, with the settings the build names (bits per tensor, block size, symmetry, quantizer, embedding table
-precision), gives the weights the graph must compute with, bit for bit: only kernel arithmetic separates the
-built model from this reference (MatMulNBits at accuracy level 4 quantizes its activations to int8 per
-block). So the comparison is tight and means something on any checkpoint, random-weight ones included,
-where the comparison with the original cannot tell a broken build from quantization error: a damaged data
-file, wrong scales, a transposed or misplaced tensor all fail it.
+With int4 method stream, phiedge quantizes every matrix itself (prequant.write) and records each one's SHA-256
+(artifacts.WEIGHTS). This check reads every quantized matrix back from the graph's initializers, holds it to
+that digest, and dequantizes it into the checkpoint: the reference is then exactly what the graph must
+compute, and only kernel arithmetic separates the built model from it (MatMulNBits at accuracy level 4
+quantizes its activations to int8 per block). So the comparison is tight and means something on any
+checkpoint, random-weight ones included, where the comparison with the original cannot tell a broken build
+from quantization error. A damaged data file, wrong scales, a transposed or misplaced tensor change a digest
+(`weights_sha256`, naming the matrices); what changes the graph around intact weights (a rewired input, a
+damaged norm or rotary cache that the text reaches) changes the logits (`logits_rel_rms`).
 
-The metric is the relative RMS error of the logits, each position's logits centred (softmax ignores a
+The logits metric is the relative RMS error of the logits, each position's logits centred (softmax ignores a
 shift): ||built - reference|| / ||reference||. It does not depend on how sharp the distributions are.
 KL and top-1 are reported beside it, not enforced: KL scales with the spread of the logits, so on random
 weights a broken 32-layer build (9e-4) sits below a healthy wide one (7e-4), while the relative error keeps
 them 3x apart (benchmarks/RESULTS.md). What a logits comparison cannot see is weights the evaluation never
-reaches (rows of tokens absent from the text, rotary rows past its length): bundles carry SHA-256 sums
-for that (`phiedge verify`).
+reaches (rows of tokens absent from the text, rotary rows past its length): the digests cover every quantized
+byte, and bundles carry SHA-256 sums of every file (`phiedge verify`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from phiedge.artifacts import WEIGHTS, ModelFolder, WeightDigests, read
 from phiedge.checkpoints.fp32 import load_reference
-from phiedge.quantize import calibrate
-from phiedge.quantize.prequant import (
-    EMBEDDING,
-    EMBEDDING_BITS,
-    LM_HEAD,
-    SHARED,
-    eight_bit_matrices,
-    is_linear,
-)
-from phiedge.quantize.quantizer import dequantize, quantize
+from phiedge.errors import ModelError
+from phiedge.quantize.prequant import EMBEDDING, LM_HEAD, digest
+from phiedge.quantize.quantizer import dequantize
 from phiedge.schema import DequantizedSettings, Int4Settings
 
 Logits = Callable[[list[int]], np.ndarray]  # token ids -> the built model's logits at each position, [T, V]
 ROWS_PER_CHUNK = 64
+# The builder's initializer names for the matrices phiedge quantized, and the checkpoint's name of each: a layer's
+# attention projections under attn (self_attn in the checkpoint), a fused gate_up_proj split into gate and up.
+LAYER_MATRIX = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMulNBits\.qweight$")
+SPLIT = {"gate_up_proj": ("gate_proj", "up_proj")}
+TABLE = EMBEDDING[: -len(".weight")]
+HEAD = LM_HEAD[: -len(".weight")]
 
 
 def not_applicable(precision: str, int4: Int4Settings | dict | None) -> str | None:
@@ -54,47 +57,141 @@ def not_applicable(precision: str, int4: Int4Settings | dict | None) -> str | No
     return None
 
 
-def bits_of(name: str, int4: Int4Settings) -> int | None:
-    """The bits a checkpoint tensor is stored at in a method-stream build (None: kept as it is), as
-    prequant.write chooses them."""
-    if is_linear(name):
-        return 8 if eight_bit_matrices([name], int4.eight_bit)[0] else 4
-    if name == LM_HEAD or (name == EMBEDDING and int4.embeddings == SHARED):  # shared: one table at the head's bits
-        return int4.lm_head_bits
-    if name == EMBEDDING and int4.embeddings != "float":
-        return EMBEDDING_BITS[int4.embeddings]
-    return None
+class GraphWeights:
+    """The quantized matrices in a built graph, by checkpoint name (without .weight): for each, the initializers
+    holding its rows (one, or a split matrix's parts in row order) with their bits and block size."""
+
+    def __init__(self, folder: ModelFolder):
+        self.folder = folder
+        graph = folder.graph.graph
+        self.initializers = {init.name: init for init in graph.initializer}
+        parts: dict[str, dict] = {}
+        for node in graph.node:
+            if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
+                continue
+            attrs = {a.name: a.i for a in node.attribute}
+            inputs = list(node.input)
+            if node.op_type == "MatMulNBits":
+                weight, scales, zeros = inputs[1], inputs[2], inputs[3] if len(inputs) > 3 and inputs[3] else None
+                bits = attrs.get("bits", 4)
+            else:
+                if inputs[0] == f"{HEAD}.MatMulNBits.qweight":  # the shared table: the LM head's own tensors
+                    continue
+                weight, scales, zeros = inputs[0], inputs[2], inputs[3] if len(inputs) > 3 and inputs[3] else None
+                bits = attrs.get("bits", 4)
+            name = self.checkpoint_name(weight)
+            if name is not None:
+                parts[weight] = {"name": name, "tensors": (weight, scales, zeros), "bits": bits,
+                                 "block": attrs["block_size"]}
+        self.matrices: dict[str, list[dict]] = {}
+        for weight in sorted(parts, key=lambda w: self._order(w)):
+            self.matrices.setdefault(parts[weight]["name"], []).append(parts[weight])
+
+    @staticmethod
+    def checkpoint_name(weight: str) -> str | None:
+        if weight == f"{HEAD}.MatMulNBits.qweight":
+            return HEAD
+        if weight == f"{TABLE}.qweight":
+            return TABLE
+        m = LAYER_MATRIX.match(weight)
+        if m is None:
+            return None
+        layer, block, proj = m.groups()
+        fused = next((whole for whole, split in SPLIT.items() if proj in split), proj)
+        return f"model.layers.{layer}.{'self_attn' if block == 'attn' else 'mlp'}.{fused}"
+
+    @staticmethod
+    def _order(weight: str):
+        m = LAYER_MATRIX.match(weight)
+        proj = m.group(3) if m else ""
+        split = next((s for s in SPLIT.values() if proj in s), ())
+        return (GraphWeights.checkpoint_name(weight) or "", split.index(proj) if proj in split else 0)
+
+    def _array(self, name: str | None):
+        """An initializer's array, external data read from the file it names inside the folder (by hand: onnx's
+        own reader refuses a data file with several hard links, which a reused export's is)."""
+        if name is None:
+            return None
+        from onnx import helper, numpy_helper
+
+        if name not in self.initializers:
+            raise ModelError(f"{self.folder.decoder_file} has no initializer {name}")
+        init = self.initializers[name]
+        where = {e.key: e.value for e in init.external_data}
+        if not where:
+            return numpy_helper.to_array(init)
+        root = self.folder.path.resolve()
+        path = (root / where.get("location", "")).resolve()
+        if root not in path.parents:
+            raise ModelError(f"{name}'s external data {where.get('location')!r} is not a file inside {root}")
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
+        count = int(np.prod(init.dims)) if len(init.dims) else 1
+        offset = int(where.get("offset", 0))
+        data = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if data.size != count:
+            raise ModelError(f"{path.name} ends inside {name} (offset {offset}, {count} values of {dtype})")
+        return data.reshape(tuple(init.dims))
+
+    def arrays(self, matrix: str):
+        """(packed [N, K * bits / 8], scales [N, blocks], zero points or None, bits, block size) of a matrix,
+        its parts' rows concatenated, as prequant.write produced them."""
+        parts = self.matrices[matrix]
+        got = [[self._array(t) for t in part["tensors"]] for part in parts]
+        packed = np.concatenate([g[0].reshape(g[0].shape[0], -1) for g in got])
+        scales = np.concatenate([g[1].reshape(g[1].shape[0], -1) for g in got])
+        zeros = None if got[0][2] is None else np.concatenate([g[2].reshape(g[2].shape[0], -1) for g in got])
+        return packed, scales, zeros, parts[0]["bits"], parts[0]["block"]
+
+    def digest(self, matrix: str) -> str:
+        packed, scales, zeros, _, _ = self.arrays(matrix)
+        return digest(packed, scales.astype(np.float32), zeros)
+
+    def weight(self, matrix: str, shape) -> np.ndarray:
+        packed, scales, zeros, bits, block = self.arrays(matrix)
+        return dequantize(packed, scales, zeros, bits, block, tuple(shape))
 
 
-def importance_of(name: str, int4: Int4Settings, importance: dict | None):
-    """The importance prequant.write weighted a checkpoint tensor's search by (None: unweighted)."""
-    if not importance:
-        return None
-    if name == LM_HEAD or (name == EMBEDDING and int4.embeddings == SHARED):
-        return importance["lm_head"]
-    return importance.get(name[: -len(".weight")]) if is_linear(name) else None
+def digests_of(folder: ModelFolder) -> WeightDigests:
+    path = folder.path / WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"{folder.path} has no {WEIGHTS} (the digests of the weights phiedge quantized): "
+                         "rebuild it with this phiedge")
+    return read(WeightDigests, path, ModelError)
 
 
-def dequantizer(int4: Int4Settings, importance: dict | None = None):
-    """load_reference's transform: each weight as the build stores it, back in fp32."""
+def mismatched(graph: GraphWeights, recorded: WeightDigests) -> list[str]:
+    """The recorded matrices whose weights in the graph are missing or differ from what phiedge quantized."""
+    shared = TABLE in recorded.matrices and TABLE not in graph.matrices  # the table is the LM head's tensors
+    wrong = []
+    for matrix, expected in recorded.matrices.items():
+        source = HEAD if matrix == TABLE and shared else matrix
+        if source not in graph.matrices or graph.digest(source) != expected:
+            wrong.append(matrix)
+    unrecorded = set(graph.matrices) - set(recorded.matrices) - ({HEAD} if shared else set())
+    return wrong + sorted(unrecorded)
+
+
+def dequantizer(graph: GraphWeights, recorded: WeightDigests):
+    """load_reference's transform: each quantized weight as the graph stores it, back in fp32."""
     import torch
 
+    shared = TABLE in recorded.matrices and TABLE not in graph.matrices
+
     def transform(name: str, tensor):
-        bits = bits_of(name, int4)
-        if bits is None:
+        matrix = name[: -len(".weight")]
+        if matrix == TABLE and shared:
+            matrix = HEAD
+        if matrix not in graph.matrices:
             return tensor
-        packed, scales, zero_points = quantize(tensor, bits, int4.block_size, int4.symmetric, int4.quantizer,
-                                               importance_of(name, int4, importance))
-        return torch.from_numpy(dequantize(packed, scales, zero_points, bits, int4.block_size, tuple(tensor.shape)))
+        return torch.from_numpy(graph.weight(matrix, tuple(tensor.shape)))
 
     return transform
 
 
-def load(reference_dir: str | Path, int4: Int4Settings, layerwise: bool | None = None,
-         importance: dict | None = None):
-    """The checkpoint with the build's dequantized weights, through the reference loader (layer by layer for
-    big models: each Linear is quantized and dequantized as its layer is loaded)."""
-    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(int4, importance))
+def load(reference_dir: str | Path, graph: GraphWeights, recorded: WeightDigests, layerwise: bool | None = None):
+    """The checkpoint with the graph's dequantized weights, through the reference loader (layer by layer for
+    big models: each matrix is read from the graph and dequantized as its layer is loaded)."""
+    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(graph, recorded))
 
 
 def metrics(reference, built: Logits, ids: list[int], window: int) -> dict:
@@ -133,33 +230,34 @@ def check(values: dict, settings: DequantizedSettings) -> list[str]:
     return failures
 
 
-def importance_for(built_dir: str | Path, reference_dir: str | Path, precision: str,
-                   int4: Int4Settings | dict | None) -> dict | None:
-    """A calibrated build's importance, from its folder (checked against the checkpoint), or None. Read before
-    anything is measured, so a missing or damaged file fails at once."""
-    if not_applicable(precision, int4) is not None:
-        return None
-    int4 = int4 if isinstance(int4, Int4Settings) else Int4Settings(**int4)
-    return calibrate.load(Path(built_dir) / calibrate.IMPORTANCE, reference_dir) if int4.calibrate else None
-
-
-def compare(built: Logits, reference_dir: str | Path, precision: str, int4: Int4Settings | dict | None,
-            settings: DequantizedSettings, ids: list[int], window: int, importance: dict | None = None) -> dict:
-    """The dequantized check's report: its metrics, thresholds and failures, always enforced; or why it
-    does not apply to this build. `importance`: a calibrated build's (importance_for)."""
+def compare(built: Logits, folder: ModelFolder, reference_dir: str | Path, precision: str,
+            int4: Int4Settings | dict | None, settings: DequantizedSettings, ids: list[int], window: int) -> dict:
+    """The dequantized check's report: the weights' digests, then its metrics, thresholds and failures, always
+    enforced; or why it does not apply to this build."""
     why = not_applicable(precision, int4)
     if why is not None:
         return {"applies": False, "why": why, "failures": [], "passed": None}
-    int4 = int4 if isinstance(int4, Int4Settings) else Int4Settings(**int4)
-    values = metrics(load(reference_dir, int4, importance=importance), built, ids[:settings.eval_tokens], window)
+    recorded = digests_of(folder)
+    graph = GraphWeights(folder)
+    wrong = mismatched(graph, recorded)
+    digests = {"matrices": len(recorded.matrices), "mismatched": wrong}
+    if wrong:
+        failure = (f"weights_sha256: {len(wrong)} of {len(recorded.matrices)} quantized matrices in the graph are "
+                   f"missing or differ from what phiedge quantized ({', '.join(wrong[:3])}"
+                   f"{', ...' if len(wrong) > 3 else ''})")
+        return {"applies": True, "digests": digests, "metrics": None, "thresholds": settings.maxima(),
+                "failures": [failure], "passed": False}
+    values = metrics(load(reference_dir, graph, recorded), built, ids[:settings.eval_tokens], window)
     failures = check(values, settings)
-    return {"applies": True, "metrics": values, "thresholds": settings.maxima(), "failures": failures,
-            "passed": not failures}
+    return {"applies": True, "digests": digests, "metrics": values, "thresholds": settings.maxima(),
+            "failures": failures, "passed": not failures}
 
 
 def summary_line(report: dict) -> str:
     if not report["applies"]:
         return f"dequant    not applicable: {report['why']}"
+    if report["metrics"] is None:
+        return f"dequant    {report['failures'][0]}"
     m, limits = report["metrics"], report["thresholds"]
     return (f"dequant    logits relative RMS {m['logits_rel_rms']:.3g} (max {limits['logits_rel_rms']}), "
             f"KL mean {m['kl_mean']:.3g}, top-1 {m['top1']:.4f} over {m['positions']} positions, against the "

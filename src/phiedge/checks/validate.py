@@ -183,7 +183,8 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
 
     folder = built_dir if isinstance(built_dir, ModelFolder) else ModelFolder(built_dir)
     built_dir, reference_dir = folder.path, Path(reference_dir)
-    importance = dequantized.importance_for(built_dir, reference_dir, precision, int4)
+    if dequantized.not_applicable(precision, int4) is None:
+        dequantized.digests_of(folder)  # a missing or unreadable digest file fails before anything is measured
     model, _ = model_safety.load(built_dir)
     reference = load_reference(reference_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
@@ -194,8 +195,8 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
     metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
                **distribution_metrics(model, reference, ids, window, every)}
     del reference  # the dequantized reference takes its place in memory
-    against = dequantized.compare(lambda x: built_logits(model, x, every), reference_dir, precision, int4,
-                                  settings.dequantized, ids, window, importance)
+    against = dequantized.compare(lambda x: built_logits(model, x, every), folder, reference_dir, precision, int4,
+                                  settings.dequantized, ids, window)
     limits = settings.thresholds.get(precision)
     failures = check(metrics, limits) if limits is not None else []
     note = enforcement(precision, limits, reference_dir, target)

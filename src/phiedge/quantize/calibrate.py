@@ -1,17 +1,20 @@
-"""Importance for the mse search (`--calibrate`): each Linear input column's mean square over calibration text.
+"""Calibration (`--calibrate`): the second moments of every Linear's inputs over calibration text.
 
 A weight's error reaches a layer's output multiplied by its input: with inputs x, the output error of a row
 is sum_j dw_j x_j, whose expected square is (to first order, inputs uncorrelated) sum_j dw_j^2 E[x_j^2]. So
 columns whose inputs are large deserve a closer fit. llama.cpp's `llama-imatrix` collects exactly these mean
 squares (its importance matrix) and its quantizers weight their scale search by them; AWQ starts from the
 same observation. phiedge collects them from the checkpoint itself, in fp32, with transformers' own modules:
-the checkpoint runs over the calibration text one decoder layer at a time (fp32.load_reference's
-layerwise mode: only the embedding table and one layer are in memory), a forward pre-hook on every Linear
-adds up x^2 per input column, and the final norm's output gives the LM head's. The mse search
-(quantizer.search_weights) multiplies its per-weight weights by them.
+the checkpoint runs over the calibration text one decoder layer at a time (`Calibration`: all windows
+through layer 0, then through layer 1, ...; only the embedding table, one layer and the windows' hidden states
+are in memory), a forward pre-hook on every Linear adds up x^2 per input column, and the final norm's output
+gives the LM head's. The mse search (quantizer.search_weights) multiplies its per-weight weights by them.
+GPTQ (gptq.py) needs the whole matrix E[x x^T] of each Linear: the same pass gives it layer by layer, and the
+quantizer uses each layer's before the next is computed (prequant.write), so they are never all in memory
+(at Phi-4-mini's widths they are 0.38 GB a layer).
 
-The result is a few MB (one float per input column of every matrix) written into the build folder as
-IMPORTANCE, so that validation re-creates exactly the weights the build wrote (checks.dequantized).
+The diagonals are a few MB (one float per input column of every matrix), written into the build folder as
+IMPORTANCE, the record of what the build was calibrated on.
 """
 
 from __future__ import annotations
@@ -25,19 +28,20 @@ import numpy as np
 from phiedge.checkpoints.corpus import calibration_ids
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checkpoints.weights import Weights
-from phiedge.errors import BuildError, ModelError
-from phiedge.quantize.prequant import LM_HEAD, check_shapes, is_linear
+from phiedge.errors import BuildError
+from phiedge.quantize.prequant import LM_HEAD, check_shapes
 
 IMPORTANCE = "phiedge_importance.safetensors"
 METADATA = "phiedge_calibration"  # the safetensors metadata key holding what the importance was collected from
 LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
-# 16 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares
-# stop moving from about 4096 tokens on (benchmarks/RESULTS.md, "Calibration"), and every token costs a forward
-# pass of the whole checkpoint in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini).
-TOKENS = 8192
+# 8 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares stop
+# moving from about 4096 tokens on, and GPTQ built from 4096 tokens was as close to the original as from 8192 or
+# 16384 (benchmarks/RESULTS.md, "Calibration", "GPTQ"); every token costs a forward pass of the whole checkpoint
+# in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini) and its share of GPTQ's statistics.
+TOKENS = 4096
 WINDOW = 512
-# Windows run through the model together: each group loads every layer once more (cheap beside the compute), and
-# its activations (at Phi-4-mini's widths about 0.3 GB a window in the MLP and attention) are all that grows.
+# Windows run through a layer together: each group loads the layer once more (cheap beside the compute), and its
+# activations (at Phi-4-mini's widths about 0.3 GB a window in the MLP and attention) are all that grows.
 GROUP = 4
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -55,57 +59,101 @@ def return_freed_tensors() -> None:
         pass
 
 
+class Calibration:
+    """The checkpoint over the calibration text in fp32, one decoder layer at a time: every window's hidden
+    states (tokens x hidden in fp32: 50 MB at Phi-4-mini's widths) go through layer 0, then all of them through
+    layer 1, and so on, so that each layer's input statistics are complete when it is done and the next layer
+    has not been loaded. `layers()` yields them; `importance` and `run` are filled as it goes."""
+
+    def __init__(self, model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS,
+                 window: int = WINDOW, progress=None):
+        import torch
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.started = time.perf_counter()
+        self.model_dir = Path(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=False)
+        ids = calibration_ids(tokenizer, tokens, Path(text_file) if text_file is not None else None)
+        self.config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
+        window = min(window, int(self.config.max_position_embeddings))
+        if len(ids) < 2:
+            raise BuildError(f"the calibration text {text_file} gives {len(ids)} token(s): too little to calibrate on")
+        width = min(window, len(ids))
+        self.batch = torch.tensor([ids[i:i + width] for i in range(0, len(ids) - width + 1, width)])
+        check_shapes(Weights(self.model_dir), self.config.to_dict())  # a wrong header: one line, not torch's error
+        self.progress = progress
+        self.importance: dict[str, np.ndarray] = {}
+        self.run = {"source": Path(text_file).name if text_file is not None else "stdlib training split",
+                    "tokens": int(self.batch.numel()), "windows": int(self.batch.shape[0]), "window": int(width)}
+
+    def layers(self, full: bool = False):
+        """Yield (layer index, {matrix name: its inputs' second moments}) in layer order: with `full` the
+        [K, K] matrices E[x x^T] (torch float32, GPTQ's), else only their diagonals. Afterwards `importance`
+        holds every diagonal (numpy float32), the LM head's ("lm_head") from the final norm's output."""
+        import torch
+        from transformers.masking_utils import create_causal_mask
+
+        model = load_reference(self.model_dir, layerwise=True)
+        inner = model.model
+        count = self.batch.numel()
+        groups = [self.batch[i:i + GROUP] for i in range(0, self.batch.shape[0], GROUP)]
+        bar = self.progress.bar(len(inner.layers), "calibrate") if self.progress is not None else None
+        return_freed_tensors()
+        try:
+            with torch.no_grad():
+                hidden = [inner.embed_tokens(g) for g in groups]
+                position_ids = torch.arange(self.batch.shape[1])[None]
+                sums: dict[str, torch.Tensor] = {}  # one layer's
+
+                def add(name: str, x) -> None:
+                    x = x.detach().reshape(-1, x.shape[-1])
+                    if full:
+                        total = x.T @ x  # float32 products, one [K, K] sum per group of windows
+                    else:
+                        total = x.square().sum(0, dtype=torch.float64)
+                    sums[name] = sums[name] + total if name in sums else total
+
+                for index, layer in enumerate(inner.layers):
+                    hooks = [module.register_forward_pre_hook(
+                        lambda _m, args, key=f"model.layers.{index}.{name}": add(key, args[0]))
+                        for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)]
+                    for g, states in enumerate(hidden):
+                        # what Phi3Model.forward passes each layer (no cache, no padding)
+                        cache_position = position_ids[0]
+                        mask = create_causal_mask(config=self.config, input_embeds=states, attention_mask=None,
+                                                  cache_position=cache_position, past_key_values=None,
+                                                  position_ids=position_ids)
+                        hidden[g] = layer(states, attention_mask=mask, position_ids=position_ids,
+                                          cache_position=cache_position,
+                                          position_embeddings=inner.rotary_emb(states, position_ids))
+                    for hook in hooks:
+                        hook.remove()
+                    stats = {name: total / count for name, total in sorted(sums.items())}
+                    for name, value in stats.items():
+                        diagonal = torch.diagonal(value) if full else value
+                        self.importance[name] = diagonal.to(torch.float32).numpy().copy()
+                    sums.clear()
+                    if bar is not None:
+                        bar.update(1)
+                    yield index, (stats if full else {k: self.importance[k] for k in stats})
+                    del stats
+                head = sum(inner.norm(states).reshape(-1, states.shape[-1]).square().sum(0, dtype=torch.float64)
+                           for states in hidden)
+                self.importance[LM_HEAD_KEY] = (head / count).to(torch.float32).numpy()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.run["seconds"] = round(time.perf_counter() - self.started, 1)
+
+
 def collect(model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS, window: int = WINDOW,
             progress=None) -> tuple[dict[str, np.ndarray], dict]:
     """(importance: matrix name without .weight -> mean square of each input column, float32; what was run:
     source, tokens, windows, seconds)."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
-    started = time.perf_counter()
-    model_dir = Path(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    ids = calibration_ids(tokenizer, tokens, Path(text_file) if text_file is not None else None)
-    config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    window = min(window, int(config.max_position_embeddings))
-    if len(ids) < 2:
-        raise BuildError(f"the calibration text {text_file} gives {len(ids)} token(s): too little to calibrate on")
-    width = min(window, len(ids))
-    batch = torch.tensor([ids[i:i + width] for i in range(0, len(ids) - width + 1, width)])
-    check_shapes(Weights(model_dir), config.to_dict())  # a wrong header is one line here, not torch's error
-    model = load_reference(model_dir, layerwise=True)
-    sums: dict[str, torch.Tensor] = {}
-
-    def add(name: str, x) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        total = x.square().sum(0, dtype=torch.float64)  # squares in fp32 (one temporary), their sum in fp64
-        sums[name] = sums[name] + total if name in sums else total
-
-    for name, module in model.model.layers.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            module.register_forward_pre_hook(lambda _m, args, key=f"model.layers.{name}": add(key, args[0]))
-    groups = [batch[i:i + GROUP] for i in range(0, batch.shape[0], GROUP)]
-    layers = config.num_hidden_layers
-    bar = progress.bar(layers * len(groups), "calibrate") if progress is not None else None
-    if bar is not None:
-        for layer in model.model.layers:
-            layer.register_forward_hook(lambda *_: (bar.update(1), None)[1])  # a hook's return replaces the output
-    try:
-        return_freed_tensors()
-        for group in groups:
-            with torch.no_grad():
-                hidden = model.model(input_ids=group).last_hidden_state  # the LM head's input; not its logits
-            add(LM_HEAD_KEY, hidden)
-            del hidden
-    finally:
-        if bar is not None:
-            bar.close()
-    count = batch.numel()
-    importance = {name: (total / count).to(torch.float32).numpy() for name, total in sorted(sums.items())}
-    run = {"source": Path(text_file).name if text_file is not None else "stdlib training split",
-           "tokens": int(count), "windows": int(batch.shape[0]), "window": int(width),
-           "seconds": round(time.perf_counter() - started, 1)}
-    return importance, run
+    calibration = Calibration(model_dir, text_file, tokens, window, progress)
+    for _ in calibration.layers():
+        pass
+    return dict(sorted(calibration.importance.items())), calibration.run
 
 
 def save(path: Path, importance: dict[str, np.ndarray], run: dict) -> None:
@@ -126,26 +174,3 @@ def describe(path: Path) -> dict | None:
     with safe_open(str(path), framework="np") as f:
         meta = json.loads((f.metadata() or {}).get(METADATA, "{}"))
     return {"file": path.name, **{k: meta.get(k) for k in ("source", "tokens", "windows", "window")}}
-
-
-def load(path: Path, model_dir: str | Path) -> dict[str, np.ndarray]:
-    """A build's importance, checked against the checkpoint it must weight: one finite non-negative value per
-    input column of every layer matrix and of the LM head."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    if not path.is_file():
-        raise ModelError(f"{path.parent} was built with calibrate, but its {path.name} is missing")
-    try:
-        importance = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ModelError(f"{path} is not a readable safetensors file: {exc}") from None
-    weights = Weights(Path(model_dir))
-    expected = {name[: -len(".weight")]: weights.rows(name).shape[1] for name in weights.names() if is_linear(name)}
-    head = LM_HEAD if LM_HEAD in weights.names() else "model.embed_tokens.weight"
-    expected[LM_HEAD_KEY] = weights.rows(head).shape[1]
-    for name, columns in expected.items():
-        values = importance.get(name)
-        if values is None or values.shape != (columns,) or not np.all(np.isfinite(values)) or np.any(values < 0):
-            raise ModelError(f"{path} has no valid importance for {name} ({columns} finite non-negative numbers)")
-    return {name: importance[name] for name in expected}

@@ -6,13 +6,15 @@ as they are. This module writes such a checkpoint. Every Linear weight, the LM h
 the embedding table are read from the safetensors files a slice of rows at a time, quantized by
 `quantizer.quantize` (rtn: ONNX Runtime's own block quantization kernel, the one the builder's default int4
 path runs on its fp32 graph, so the weights come out identical; mse: least-squared-error block scales in
-the same layout), and written shard by shard.
-Peak memory is one shard of quantized weights plus one slice in fp32, whatever the model's size.
+the same layout) or, for the layers' matrices, `gptq.quantize` (one whole matrix in fp32 with its inputs'
+second moments), and written shard by shard. Peak memory is one shard of quantized weights plus one matrix
+in fp32, whatever the model's size.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +24,7 @@ import numpy as np
 from phiedge.checkpoints.checkpoint import parameter_shapes
 from phiedge.checkpoints.weights import Weights
 from phiedge.errors import BuildError, ModelError
+from phiedge.quantize import gptq
 from phiedge.quantize.quantizer import quantize
 
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
@@ -69,6 +72,15 @@ def release_memory() -> None:
         pass
 
 
+def input_widths(config: dict) -> list[int]:
+    """The distinct input widths (K) of the matrices an int4 build quantizes (every 2-D weight of the layers,
+    the table and the LM head), which its block size must divide: phiedge's quantizer and Olive's quantizing
+    passes require it, and the builder's own pads the last block."""
+    shapes = parameter_shapes(config)
+    return sorted({shape[1] for name, shape in shapes.items()
+                   if len(shape) == 2 and (name.startswith("model.layers.") or name in (EMBEDDING, LM_HEAD))})
+
+
 def check_shapes(weights: Weights, config: dict) -> None:
     """Every tensor the config implies, at the shape it implies: a wrong header would otherwise be quantized
     into a model that only fails when it is loaded."""
@@ -97,9 +109,24 @@ def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
     return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings in EMBEDDING_BITS)
 
 
+def digest(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> str:
+    """SHA-256 of a quantized matrix as MatMulNBits reads it, in the checkpoint's row order: its packed weight,
+    scales and zero points, each C-contiguous. The build records one per matrix; the dequantized check
+    recomputes it from the graph's initializers (their rows are the same bytes, split or not)."""
+    h = hashlib.sha256()
+    for part in (packed, scales, zeros):
+        if part is not None:
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
+
+
+def layer_index(name: str) -> int | None:
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
           embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=(),
-          importance: dict | None = None) -> dict:
+          importance: dict | None = None, second_moments=None) -> tuple[dict, dict[str, str]]:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
@@ -107,10 +134,13 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     it is (`embeddings`: int8, int4, float), or, for a tied checkpoint, once for both (`shared`: the table
     at `lm_head_bits`, which Olive's loader hands to the builder as both the table and the LM head; the
     builder still writes it twice, and graph_fixes.share_tied_table keeps one); the layer matrices
-    `eight_bit` patterns name at 8 bits, every block's scale chosen by `quantizer` (rtn or mse), the mse
-    search weighted by `importance` (calibrate.collect's: matrix name -> input columns' mean squares; the
-    LM head's, "lm_head", also weights a shared table; a table of its own has none). Norms are copied. Returns the quantization_config written into config.json, which tells Olive's ModelBuilder pass
-    what it reads.
+    `eight_bit` patterns name at 8 bits. `quantizer` rounds them: rtn or mse for every matrix, the mse search
+    weighted by `importance` (calibrate's: matrix name -> input columns' mean squares; the LM head's,
+    "lm_head", also weights a shared table; a table of its own has none); gptq for the layers' matrices, from
+    `second_moments` (calibrate.Calibration.layers(full=True): one layer's matrices at a time, consumed in
+    layer order, so the layers are quantized as the calibration reaches them), the LM head and table by mse.
+    Norms are copied. Returns the quantization_config written into config.json, which tells Olive's
+    ModelBuilder pass what it reads, and each quantized matrix's `digest` (name without .weight).
     """
     import torch
     from safetensors.torch import save_file
@@ -122,6 +152,8 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     if shared and not config.get("tie_word_embeddings"):
         raise BuildError("embeddings shared needs a checkpoint whose LM head is its embedding table "
                          "(tie_word_embeddings)")
+    if (quantizer == "gptq") != (second_moments is not None):
+        raise BuildError("quantizer gptq needs the calibration's second moments, and only gptq reads them")
     out.mkdir(parents=True)
     for path in model_dir.iterdir():  # tokenizer, chat template, generation config: as they are
         if path.is_file() and not path.name.endswith(NOT_COPIED) and path.name not in ("config.json", TOKENIZER_CONFIG):
@@ -140,6 +172,7 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
         raise ModelError(f"eight_bit pattern(s) {', '.join(unmatched)} match no layer matrix of the checkpoint")
     shard: dict[str, torch.Tensor] = {}
     written = {"bytes": 0, "files": 0}  # of the shard being filled; shards written so far
+    digests: dict[str, str] = {}
 
     def flush() -> None:
         if shard:
@@ -153,27 +186,53 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
         if written["bytes"] >= SHARD_BYTES:
             flush()
 
-    def quantized(prefix: str, source: str, bits: int) -> None:
-        weighting = (importance or {}).get("lm_head" if prefix == "model.embed_tokens" and shared else prefix)
-        packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, quantizer, weighting)
+    def quantized(prefix: str, source: str, bits: int, moments=None) -> None:
+        if moments is not None:
+            packed, scales, zeros = gptq.quantize(weights.tensor(source).to(torch.float32).numpy(), moments, bits,
+                                                block_size, symmetric)
+        else:
+            key = "lm_head" if prefix == "model.embed_tokens" and shared else prefix
+            method = "mse" if quantizer == "gptq" else quantizer
+            packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, method,
+                                             (importance or {}).get(key))
         put(f"{prefix}.qweight", packed)
         put(f"{prefix}.scales", scales)
         if not symmetric:
             put(f"{prefix}.qzeros", zeros)
+        digests[prefix] = digest(packed, scales, zeros)
         if on_matrix:
             on_matrix(prefix)
 
+    layers: dict[int, list[str]] = {}
     for name in names:
-        if name == LM_HEAD:
-            continue
-        if name == EMBEDDING and embeddings in EMBEDDING_BITS:
-            quantized("model.embed_tokens", name, EMBEDDING_BITS[embeddings])
-        elif name == EMBEDDING and shared:
-            quantized("model.embed_tokens", name, lm_head_bits)
-        elif is_linear(name):
-            quantized(name[: -len(".weight")], name, 8 if name[: -len(".weight")] in at_eight else 4)
-        else:
-            put(name, weights.tensor(name))
+        if layer_index(name) is not None:
+            layers.setdefault(layer_index(name), []).append(name)
+        elif name not in (LM_HEAD, EMBEDDING):
+            put(name, weights.tensor(name))  # norms
+    stream = iter(second_moments) if second_moments is not None else None
+    for index in sorted(layers):
+        moments = None
+        if stream is not None:
+            got, moments = next(stream, (None, None))
+            if got != index:
+                raise BuildError(f"the calibration gave layer {got} where layer {index} was due")
+        for name in layers[index]:
+            if is_linear(name):
+                matrix = name[: -len(".weight")]
+                quantized(matrix, name, 8 if matrix in at_eight else 4, None if moments is None else moments[matrix])
+            else:
+                put(name, weights.tensor(name))
+        del moments
+    if stream is not None:
+        for _ in stream:  # the calibration's end: the LM head's importance
+            pass
+    # the table and the LM head last: a calibration run with the layers gives the LM head's importance at its end
+    if EMBEDDING in names and embeddings in EMBEDDING_BITS:
+        quantized("model.embed_tokens", EMBEDDING, EMBEDDING_BITS[embeddings])
+    elif EMBEDDING in names and shared:
+        quantized("model.embed_tokens", EMBEDDING, lm_head_bits)
+    elif EMBEDDING in names:
+        put(EMBEDDING, weights.tensor(EMBEDDING))
     if not shared:
         quantized("lm_head", LM_HEAD if LM_HEAD in names else EMBEDDING, lm_head_bits)
     flush()
@@ -190,4 +249,4 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
              "modules_to_not_convert": None, "overrides": overrides or None}
     config.pop("auto_map", None)
     (out / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=2))
-    return quant
+    return quant, digests

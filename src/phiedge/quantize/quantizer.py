@@ -102,6 +102,14 @@ def dequantize(packed, scales, zero_points, bits: int, block_size: int, shape) -
     return ((q.astype(np.float32) - zp[..., None]) * s[..., None]).reshape(n, k)
 
 
+def block_codes(block: np.ndarray, bits: int, symmetric: bool, importance=None):
+    """The mse search on one column of blocks, a [N, block] slice: (codes [N, block], scales [N], zero points
+    [N]), a weight being (code - zero point) * scale. GPTQ chooses each block's parameters with it."""
+    block = np.ascontiguousarray(block, dtype=np.float32)
+    codes, scales, zeros = _search(block, bits, block.shape[1], symmetric, importance)
+    return codes, scales[:, 0], zeros[:, 0]
+
+
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """[R, C] integers in 0 .. 2^bits - 1 into [R, ceil(C * bits / 8)] bytes, low nibble first at 4 bits."""
     codes = codes.astype(np.uint8)
