@@ -37,6 +37,17 @@ def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
     np.testing.assert_allclose((u.T @ u).double().numpy(), torch.linalg.inv(damped).numpy(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [8, 9, 100])
+def test_the_triangular_inverse_by_halves_is_the_inverse(k):
+    import torch
+
+    rng = np.random.default_rng(k)
+    r = torch.triu(torch.tensor(rng.standard_normal((k, k)), dtype=torch.float32)) + 4 * torch.eye(k)
+    u = gptq.upper_inverse(r, leaf=4)  # three levels of halves at k 100, odd halves at 9
+    assert torch.equal(torch.triu(u), u)
+    torch.testing.assert_close(u @ r, torch.eye(k), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (8, True)])
 def test_gptq_lowers_the_output_error_of_the_mse_search(bits, symmetric):
     """On inputs whose columns correlate, GPTQ's tr(D H D^T) is well below the importance-weighted mse search's

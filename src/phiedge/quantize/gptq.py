@@ -13,8 +13,8 @@ mse search (quantizer.block_codes, weighted by the diagonal of H) on the weights
 corrections left them, then its columns are rounded one by one at those scales. No act-order: it would need a
 column permutation (g_idx) that MatMulNBits does not take.
 
-Linear algebra in torch (float32, every core): the inverse Cholesky factor of a 8192 x 8192 H takes a few
-seconds, the rest is one matrix product per block.
+Linear algebra in torch (float32, every core): at Phi-4-mini's widths on 2 cores, the inverse Cholesky factor
+of the down projection's 8192 x 8192 H takes 4.5 s and its 3072 x 8192 weight 4 s more.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from phiedge.errors import BuildError
 from phiedge.quantize.quantizer import block_codes, pack
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean: the paper's default
+LEAF = 512  # below this size a triangular inverse is one triangular solve
 BATCH = 128  # columns whose errors are spread among themselves before the rest takes them (the paper's)
 
 
@@ -44,8 +45,26 @@ def inverse_factor(hessian, damp: float = DAMP):
     lower, info = torch.linalg.cholesky_ex(h[flip][:, flip])
     if int(info):
         raise BuildError(f"GPTQ: the {k} x {k} input second moments are not positive definite after damping")
-    r = lower[flip][:, flip]  # upper triangular, H = R R^T
-    return torch.linalg.solve_triangular(r, torch.eye(k, dtype=torch.float32), upper=True)
+    return upper_inverse(lower[flip][:, flip])  # of R, upper triangular with H = R R^T
+
+
+def upper_inverse(r, leaf: int = LEAF):
+    """The inverse of an upper triangular matrix, by halves: [[A, B], [0, D]]^-1 = [[A^-1, X], [0, D^-1]] with
+    X = -A^-1 B D^-1 from two triangular solves. torch offers no triangular inverse (LAPACK's trtri), and a
+    triangular solve against the identity does three times its work: at 8192 x 8192 it took 6.5 s here, the
+    halves 2.3 s."""
+    import torch
+
+    k = r.shape[0]
+    if k <= leaf:
+        return torch.linalg.solve_triangular(r, torch.eye(k, dtype=r.dtype), upper=True)
+    m = k // 2
+    out = torch.zeros_like(r)
+    out[:m, :m] = upper_inverse(r[:m, :m], leaf)
+    out[m:, m:] = upper_inverse(r[m:, m:], leaf)
+    out[:m, m:] = torch.linalg.solve_triangular(
+        r[m:, m:], torch.linalg.solve_triangular(r[:m, :m], -r[:m, m:], upper=True), upper=True, left=False)
+    return out
 
 
 def quantize(weight, hessian, bits: int, block_size: int, symmetric: bool, damp: float = DAMP):
@@ -95,6 +114,6 @@ def quantize(weight, hessian, bits: int, block_size: int, symmetric: bool, damp:
             part[j + 1:].addr_(u[c, c + 1:stop], err, alpha=-1.0)  # in place: no (batch x N) temporary
             errors[j] = err
         torch.set_num_threads(threads)
-        wt[stop:] -= u[start:stop, stop:].T @ errors
+        wt[stop:].addmm_(u[start:stop, stop:].T, errors, alpha=-1.0)  # in place: 2 s less at 3072 x 8192 here
     packed = pack(codes.T.contiguous().numpy(), bits)
     return packed, scales, None if symmetric else pack(zeros, bits)
