@@ -59,9 +59,10 @@ from phiedge.checks.validate import Sums, accumulate
 
 SHRINK = Shrink(layers=2, heads=6, kv_heads=2, intermediate=1536, vocab=4096)
 EVAL_TOKENS, WINDOW = 2048, 512
-ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
-    ("fp32", "fp32", {}),
-    ("phiedge default (cpu target)", "int4", {}),
+# Every setting but the default starts from round to nearest, uncalibrated, no 8-bit layer matrices, whatever the
+# cpu target's defaults are at the time: a row means what its name says at every commit
+PLAIN = {"quantizer": "rtn", "calibrate": False, "eight_bit": []}
+SETTINGS = [  # (name, precision, int4 overrides of PLAIN)
     ("b128 rtn, int8 table", "int4", {"block_size": 128, "quantizer": "rtn", "embeddings": "int8", "lm_head_bits": 4}),
     ("b128 mse, int8 table", "int4", {"block_size": 128, "quantizer": "mse", "embeddings": "int8", "lm_head_bits": 4}),
     ("b128 mse --calibrate, int8 table", "int4",
@@ -82,7 +83,7 @@ ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
       "eight_bit": ["model.layers.*.self_attn.qkv_proj"]}),
     ("b64 mse --calibrate, one shared 8-bit table", "int4",
      {"block_size": 64, "quantizer": "mse", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8}),
-    ("b32 mse, int8 table (android, ios)", "int4",
+    ("b32 mse, int8 table (the phone targets before GPTQ)", "int4",
      {"block_size": 32, "quantizer": "mse", "embeddings": "int8", "lm_head_bits": 4}),
     ("b32 mse --calibrate, int8 table", "int4",
      {"block_size": 32, "quantizer": "mse", "calibrate": True, "embeddings": "int8", "lm_head_bits": 4}),
@@ -95,6 +96,11 @@ ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
        {"block_size": block, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8,
         "eight_bit": ["model.layers.0.self_attn.qkv_proj"] if qkv else []})
       for block in (256, 128, 64, 32) for qkv in ("", ", 8-bit qkv_proj in layer 0")],
+]
+ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
+    ("fp32", "fp32", {}),
+    ("phiedge default (cpu target)", "int4", {}),
+    *[(name, precision, {**PLAIN, **int4}) for name, precision, int4 in SETTINGS],
 ]
 GGUF_SETTINGS = ["f32", "Q4_0", "Q4_K_S", "Q4_K_M"]  # f32 is the converter's output, the others llama.cpp's quantizer's
 IMATRIX_CHUNKS = 16  # of WINDOW tokens: twice phiedge's calibrate.TOKENS (the tables' llama.cpp rows kept this)
