@@ -72,8 +72,18 @@ class Closed(BaseModel):
 
 # --- the build record (phiedge_build.json) -------------------------------------------------------------------
 
+class HubOrigin(Closed):
+    """Where a checkpoint came from on the Hugging Face hub (checkpoints/hub.py): also `phiedge fetch`'s
+    phiedge_origin.json in the folder it fills."""
+
+    repo_id: StrictStr
+    revision: StrictStr | None = None  # as asked for (a branch, tag or commit), when known
+    commit: StrictStr | None = None  # what it resolved to
+
+
 class Source(Lenient):
     name: str | None = None
+    hub: HubOrigin | None = None
     architecture: str | None = None
     params: int | None = None
     variant: str | None = None

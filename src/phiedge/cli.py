@@ -23,6 +23,7 @@ from phiedge.bundle.model_safety import check_model_folder
 from phiedge.bundle.package import archive_path, package
 from phiedge.bundle.signing import keygen, load_public, load_secret
 from phiedge.bundle.verify import verify, verify_dir
+from phiedge.checkpoints import hub
 from phiedge.checkpoints.synth import Shrink
 from phiedge.checkpoints.synth import synth as make_checkpoint
 from phiedge.checkpoints.train import train as run_train
@@ -88,6 +89,8 @@ def parse_thresholds(values: tuple[str, ...]) -> dict:
 
 TRUST_HELP = ("Refuse the bundle unless its manifest is signed by this minisign public key (a .pub file or "
               "the RW... key line); also read from PHIEDGE_TRUST.")
+MODEL_HELP = ("Hugging Face checkpoint folder (`phiedge fetch` fills one from a hub id; the build record then "
+              "names the hub commit).")
 THRESHOLD_HELP = ("Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy; "
                   "dequantized.logits_rel_rms for the check against the dequantized weights).")
 
@@ -187,7 +190,7 @@ def train_command(out, like, steps, seed, force):
 @click.option("--target", "target_name", default=None,
               help="Device target (see `phiedge targets`); several, comma-separated, make a release in -o.")
 @click.option("--all-targets", is_flag=True, help="Build, validate and package every target into -o with an index.")
-@click.option("--model", "model_dir", required=True, type=click.Path(), help="Hugging Face checkpoint folder.")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help=MODEL_HELP)
 @click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="Model folder to write (a release folder with several targets).")
 @click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
@@ -262,9 +265,20 @@ def build_command(target_name, all_targets, model_dir, out, precision, block_siz
     click.echo(json.dumps(record, indent=2))
 
 
+@cli.command("fetch")
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Folder to fetch into (resumable).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (default: main).")
+def fetch_command(model, out, revision):
+    """Fetch a checkpoint by hub id or catalog name into a folder: only what a build reads (safetensors, configs,
+    tokenizer), resuming an interrupted fetch; HF_TOKEN for gated repositories."""
+    click.echo(hub.fetch(model, Path(out), revision).model_dump_json(indent=2))
+
+
 @cli.command("validate")
 @click.argument("model_dir", type=click.Path())
-@click.option("--reference", required=True, type=click.Path(), help="The original Hugging Face checkpoint folder.")
+@click.option("--reference", required=True, type=click.Path(),
+              help="The original Hugging Face checkpoint folder.")
 @click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
 @click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
               help="Precision whose thresholds apply (default: the build's).")

@@ -81,7 +81,8 @@ def model_summary(folder: ModelFolder, record: BuildRecord) -> dict:
     cfg = json.loads((folder.path / "config.json").read_text()) if (folder.path / "config.json").is_file() else {}
     decoder = folder.decoder
     source = record.source
-    return {"variant": source.variant, "architecture": source.architecture,
+    return {"variant": source.variant, "hub": source.hub.model_dump() if source.hub else None,
+            "architecture": source.architecture,
             "shrunk": source.shrunk, "params": source.params,
             "shape": {"hidden_size": decoder["hidden_size"], "layers": decoder["num_hidden_layers"],
                       "heads": decoder["num_attention_heads"], "kv_heads": decoder["num_key_value_heads"],

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phiedge import catalog
+from phiedge.artifacts import HubOrigin
+from phiedge.checkpoints import hub
 from phiedge.errors import ModelError, PhiedgeError
 from phiedge.schema import Variant
 
@@ -28,6 +30,12 @@ class Checkpoint:
     variant: str | None  # catalog name when the shape is a published one (or synthesized from one)
     shrunk: bool
     notes: tuple[str, ...]
+    origin: HubOrigin | None = None  # where it was fetched from, for a hub id (hub.py)
+
+    @property
+    def name(self) -> str:
+        """What bundles are named after: the hub repository's name, else the folder's."""
+        return self.origin.repo_id.split("/")[-1] if self.origin else self.path.name
 
 
 def head_dim(config: dict) -> int:
@@ -227,4 +235,5 @@ def inspect(path: str | Path) -> Checkpoint:
                      f"{arch} instead and never runs remote code")
     variant, shrunk = identify(path, config)
     return Checkpoint(path=path.resolve(), config=config, architecture=arch,
-                      variant=variant.name if variant else None, shrunk=shrunk, notes=tuple(notes))
+                      variant=variant.name if variant else None, shrunk=shrunk, notes=tuple(notes),
+                      origin=hub.origin(path))

@@ -1,0 +1,132 @@
+"""Checkpoints named by Hugging Face hub id or catalog name, fetched with huggingface_hub.
+
+`--model` takes a folder, a hub id (microsoft/Phi-4-mini-instruct) or a catalog name or alias (phi-4-mini,
+see `phiedge models`). A folder is used as it is. A name is looked up in the catalog for its hub id, and a hub
+id is fetched by huggingface_hub's `snapshot_download` into its cache (HF_HOME, ~/.cache/huggingface), which
+keeps one copy per commit, resumes a transfer that was cut off, shows a progress bar per file, reads a token
+for gated repositories from HF_TOKEN or `hf auth login`, and under HF_HUB_OFFLINE=1 answers from the cache
+alone. Only what a build reads is fetched (FILES): safetensors weights, configs, tokenizer files and licences at
+the repository's top level; not `*.bin`, not the repository's own `onnx/` or other folders, and never its
+Python files, which phiedge does not run.
+
+The commit a build came from is read back from where the files are: a cache snapshot folder is
+`models--OWNER--NAME/snapshots/COMMIT`, and `phiedge fetch -o DIR` writes ORIGIN into DIR once every file
+is there.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from phiedge.artifacts import HubOrigin, read
+from phiedge.catalog import find_variant
+from phiedge.errors import ModelError, NotFoundError
+
+FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+         "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+         "vocab.json", "merges.txt", "chat_template.jinja", "LICENSE*", "NOTICE*"]
+SUBFOLDERS = ["*/*"]  # fnmatch's * crosses "/": without this, onnx/*.safetensors would match
+ORIGIN = "phiedge_origin.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SNAPSHOT = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def hub_id(model: str) -> str | None:
+    """The hub id `model` names when it is not a folder here: itself, or a catalog name's; None for a path."""
+    if Path(model).exists():
+        return None
+    try:
+        return find_variant(model).hf_id
+    except NotFoundError:
+        pass
+    return model if HUB_ID.match(model) else None
+
+
+def download(repo_id: str, revision: str | None = None, local_dir: Path | None = None) -> Path:
+    """The checkpoint's folder after fetching it (into the cache, or into local_dir); any failure one line."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=FILES, ignore_patterns=SUBFOLDERS,
+                                 local_dir=str(local_dir) if local_dir is not None else None)
+    except GatedRepoError:
+        raise ModelError(f"{at} is gated: accept its licence on the hub and set HF_TOKEN (or run hf auth login)")
+    except RepositoryNotFoundError:
+        raise ModelError(f"{at}: no such repository on the hub, or it is private and HF_TOKEN does not open it")
+    except RevisionNotFoundError:
+        raise ModelError(f"{at}: the repository has no revision {revision!r}")
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise ModelError(f"{at} is not in the Hugging Face cache and the hub cannot be reached (HF_HUB_OFFLINE is "
+                         f"set or the connection failed): run `phiedge fetch {repo_id}` where it can")
+    except EntryNotFoundError as exc:
+        raise ModelError(f"{at}: a file the listing named is missing on the hub ({first_line(exc)})")
+    except HfHubHTTPError as exc:
+        raise ModelError(f"{at}: the hub answered {first_line(exc)}")
+    except OSError as exc:  # a full disk, an unwritable cache, a connection reset past huggingface_hub's retries
+        raise ModelError(f"{at}: fetching failed: {exc.strerror or exc}")
+    return Path(path)
+
+
+def first_line(exc: Exception) -> str:
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def resolve(model: str, revision: str | None = None) -> Path:
+    """The local folder of `model`: a folder as it is, a hub id or catalog name fetched into the cache."""
+    repo_id = hub_id(model)
+    if repo_id is None:
+        if revision:
+            raise ModelError(f"--revision {revision} names a hub commit, but {model} is a folder")
+        return Path(model)
+    return download(repo_id, revision)
+
+
+def fetch(model: str, out: Path, revision: str | None = None) -> HubOrigin:
+    """`phiedge fetch`: the checkpoint's files into `out` (resumable), then ORIGIN saying where they came from."""
+    repo_id = hub_id(model)
+    if repo_id is None:
+        raise ModelError(f"{model} is neither a hub id (OWNER/NAME) nor a catalog name (see `phiedge models`)")
+    out = Path(out)
+    (out / ORIGIN).unlink(missing_ok=True)  # written again only when this fetch is complete
+    path = download(repo_id, revision, local_dir=out)
+    commit = local_commit(path)
+    origin = HubOrigin(repo_id=repo_id, revision=revision, commit=commit)
+    (path / ORIGIN).write_text(origin.model_dump_json(indent=2) + "\n")
+    return origin
+
+
+def local_commit(folder: Path) -> str | None:
+    """The commit huggingface_hub recorded for the files of a local_dir download (its .cache metadata)."""
+    commits = set()
+    for meta in (folder / ".cache" / "huggingface" / "download").rglob("*.metadata"):
+        first = meta.read_text().splitlines()[:1]
+        if first and COMMIT.match(first[0]):
+            commits.add(first[0])
+    return commits.pop() if len(commits) == 1 else None
+
+
+def origin(folder: Path) -> HubOrigin | None:
+    """Where a checkpoint folder came from on the hub, or None for one that was not fetched."""
+    folder = Path(folder).resolve()
+    if (folder / ORIGIN).is_file():
+        return read(HubOrigin, folder / ORIGIN, ModelError)
+    repo = SNAPSHOT.match(folder.parent.parent.name)
+    if folder.parent.name == "snapshots" and repo and COMMIT.match(folder.name):
+        refs = folder.parent.parent / "refs"
+        named = sorted(r.name for r in refs.glob("*") if r.is_file() and r.read_text().strip() == folder.name) \
+            if refs.is_dir() else []
+        return HubOrigin(repo_id=f"{repo['owner']}/{repo['name']}", revision=named[0] if named else None,
+                         commit=folder.name)
+    return None

@@ -1,0 +1,100 @@
+"""Checkpoints by hub id, against a hub served on 127.0.0.1 (hubserver.py): phiedge runs as a user runs it, in
+its own process with HF_ENDPOINT pointed at the server and HF_HOME in the test's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+from hubserver import Hub, Server
+
+from phiedge.bundle.package import package
+from phiedge.checkpoints import hub as hub_module
+
+REPO = "microsoft/Phi-4-mini-instruct"  # the catalog's hub id for phi-4-mini, served by the local hub
+NOT_FETCHED = {"pytorch_model.bin": b"pickled weights", "onnx/model.onnx": b"not ours",
+               "modeling_phi3.py": b"raise SystemExit('remote code ran')\n"}
+
+
+def phiedge(args, env, timeout=300, wait=True):
+    cmd = [sys.executable, "-c", "from phiedge.cli import cli; cli()", *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def environment(url: str, home: Path, offline: bool = False, token: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_OFFLINE"))}
+    env.update(HF_ENDPOINT=url, HF_HOME=str(home), HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_ETAG_TIMEOUT="30", HF_HUB_DOWNLOAD_TIMEOUT="30")
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def served(checkpoints):
+    hub = Hub()
+    commit = hub.add(REPO, Path(checkpoints["phi-4-mini"]), extra=NOT_FETCHED, tags=("v1",))
+    hub.add("someone/gated-phi", Path(checkpoints["phi-4-mini"]), token="hf_secret")
+    with Server(hub) as url:
+        yield hub, url, commit
+
+
+def test_a_catalog_name_is_fetched_by_its_hub_id_without_what_a_build_does_not_read(served, tmp_path):
+    hub, url, commit = served
+    out = tmp_path / "phi"
+    result = phiedge(["fetch", "phi-4-mini", "-o", str(out), "--revision", "v1"], environment(url, tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"repo_id": REPO, "revision": "v1", "commit": commit}
+    fetched = {p.name for p in out.iterdir() if p.is_file()}
+    wanted = {f for f in hub.repos[REPO].files if "/" not in f and any(fnmatch(f, p) for p in hub_module.FILES)}
+    assert fetched == wanted | {hub_module.ORIGIN} and "model.safetensors" in wanted and "config.json" in wanted
+    asked = {path for method, path, _ in hub.log if method == "GET"}
+    assert not any(name in path for path in asked for name in NOT_FETCHED)  # never even requested
+    assert hub_module.origin(out).commit == commit
+
+
+def test_a_build_of_a_fetched_folder_records_the_commit(served, tmp_path):
+    hub, url, commit = served
+    env, folder = environment(url, tmp_path / "hf"), tmp_path / "phi"
+    assert phiedge(["fetch", REPO, "--revision", "v1", "-o", str(folder)], env).returncode == 0
+    built = phiedge(["build", "--model", str(folder), "--target", "cpu", "--precision", "fp32", "--no-validate", "-q",
+                     "-o", str(tmp_path / "out")], env)
+    assert built.returncode == 0, built.stderr
+    source = json.loads((tmp_path / "out" / "phiedge_build.json").read_text())["source"]
+    assert source["hub"] == {"repo_id": REPO, "revision": "v1", "commit": commit}
+    assert source["name"] == "Phi-4-mini-instruct"  # bundles are named after the repository
+    manifest = package(tmp_path / "out", tmp_path / "bundle.zip")
+    assert manifest["model"]["hub"]["commit"] == commit and manifest["name"].startswith("Phi-4-mini-instruct")
+    offline = phiedge(["fetch", "microsoft/phi-2", "-o", str(tmp_path / "p2")], environment(url, tmp_path / "hf", True))
+    assert "microsoft/phi-2 is not in the Hugging Face cache" in one_line_error(offline)
+
+
+def test_hub_errors_are_one_line(served, tmp_path):
+    _, url, _ = served
+    env = environment(url, tmp_path / "hf")
+    unknown = phiedge(["fetch", "nobody/no-such-phi", "-o", str(tmp_path / "a")], env)
+    assert "nobody/no-such-phi: no such repository" in one_line_error(unknown)
+    gated = phiedge(["fetch", "someone/gated-phi", "-o", str(tmp_path / "b")], env)
+    assert "is gated" in one_line_error(gated) and "HF_TOKEN" in one_line_error(gated)
+    revision = phiedge(["fetch", REPO, "--revision", "v9", "-o", str(tmp_path / "c")], env)
+    assert "has no revision 'v9'" in one_line_error(revision)
+    opened = phiedge(["fetch", "someone/gated-phi", "-o", str(tmp_path / "d")],
+                     environment(url, tmp_path / "hf", token="hf_secret"))
+    assert opened.returncode == 0, opened.stderr
+    folder = phiedge(["fetch", str(tmp_path / "d"), "-o", str(tmp_path / "e")], env)
+    assert "neither a hub id" in one_line_error(folder)
