@@ -83,16 +83,6 @@ def first_line(exc: Exception) -> str:
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
-def resolve(model: str, revision: str | None = None) -> Path:
-    """The local folder of `model`: a folder as it is, a hub id or catalog name fetched into the cache."""
-    repo_id = hub_id(model)
-    if repo_id is None:
-        if revision:
-            raise ModelError(f"--revision {revision} names a hub commit, but {model} is a folder")
-        return Path(model)
-    return download(repo_id, revision)
-
-
 def fetch(model: str, out: Path, revision: str | None = None) -> HubOrigin:
     """`phiedge fetch`: the checkpoint's files into `out` (resumable), then ORIGIN saying where they came from."""
     repo_id = hub_id(model)
