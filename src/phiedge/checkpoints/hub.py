@@ -1,17 +1,12 @@
-"""Checkpoints named by Hugging Face hub id or catalog name, fetched with huggingface_hub.
+"""`phiedge fetch`: a checkpoint named by Hugging Face hub id or catalog name, fetched with huggingface_hub.
 
-`--model` takes a folder, a hub id (microsoft/Phi-4-mini-instruct) or a catalog name or alias (phi-4-mini,
-see `phiedge models`). A folder is used as it is. A name is looked up in the catalog for its hub id, and a hub
-id is fetched by huggingface_hub's `snapshot_download` into its cache (HF_HOME, ~/.cache/huggingface), which
-keeps one copy per commit, resumes a transfer that was cut off, shows a progress bar per file, reads a token
-for gated repositories from HF_TOKEN or `hf auth login`, and under HF_HUB_OFFLINE=1 answers from the cache
-alone. Only what a build reads is fetched (FILES): safetensors weights, configs, tokenizer files and licences at
-the repository's top level; not `*.bin`, not the repository's own `onnx/` or other folders, and never its
-Python files, which phiedge does not run.
-
-The commit a build came from is read back from where the files are: a cache snapshot folder is
-`models--OWNER--NAME/snapshots/COMMIT`, and `phiedge fetch -o DIR` writes ORIGIN into DIR once every file
-is there.
+A catalog name or alias (phi-4-mini, see `phiedge models`) is looked up for its hub id. huggingface_hub's
+`snapshot_download` fills the folder, resuming a transfer that was cut off, showing a progress bar per file,
+reading a token for gated repositories from HF_TOKEN or `hf auth login`, and under HF_HUB_OFFLINE=1 answering
+from what it has. Only what a build reads is fetched (FILES): safetensors weights, configs, tokenizer files
+and licences at the repository's top level; not `*.bin`, not the repository's own `onnx/` or other folders,
+and never its Python files, which phiedge does not run. ORIGIN, written into the folder once every file is
+there, says which commit it came from; a build of the folder records it (`origin`).
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ FILES = ["*.safetensors", "model.safetensors.index.json", "config.json", "genera
 SUBFOLDERS = ["*/*"]  # fnmatch's * crosses "/": without this, onnx/*.safetensors would match
 ORIGIN = "phiedge_origin.json"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-SNAPSHOT = re.compile(r"^models--(?P<owner>[^/]+?)--(?P<name>[^/]+)$")
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -112,11 +106,4 @@ def origin(folder: Path) -> HubOrigin | None:
     folder = Path(folder).resolve()
     if (folder / ORIGIN).is_file():
         return read(HubOrigin, folder / ORIGIN, ModelError)
-    repo = SNAPSHOT.match(folder.parent.parent.name)
-    if folder.parent.name == "snapshots" and repo and COMMIT.match(folder.name):
-        refs = folder.parent.parent / "refs"
-        named = sorted(r.name for r in refs.glob("*") if r.is_file() and r.read_text().strip() == folder.name) \
-            if refs.is_dir() else []
-        return HubOrigin(repo_id=f"{repo['owner']}/{repo['name']}", revision=named[0] if named else None,
-                         commit=folder.name)
     return None

@@ -71,17 +71,14 @@ class GraphWeights:
                 continue
             attrs = {a.name: a.i for a in node.attribute}
             inputs = list(node.input)
-            if node.op_type == "MatMulNBits":
-                weight, scales, zeros = inputs[1], inputs[2], inputs[3] if len(inputs) > 3 and inputs[3] else None
-                bits = attrs.get("bits", 4)
-            else:
-                if inputs[0] == f"{HEAD}.MatMulNBits.qweight":  # the shared table: the LM head's own tensors
-                    continue
-                weight, scales, zeros = inputs[0], inputs[2], inputs[3] if len(inputs) > 3 and inputs[3] else None
-                bits = attrs.get("bits", 4)
+            # MatMulNBits(A, B, scales, zero points), GatherBlockQuantized(data, indices, scales, zero points)
+            weight = inputs[1] if node.op_type == "MatMulNBits" else inputs[0]
+            if node.op_type == "GatherBlockQuantized" and weight == f"{HEAD}.MatMulNBits.qweight":
+                continue  # the shared table: the LM head's own tensors
+            zeros = inputs[3] if len(inputs) > 3 and inputs[3] else None
             name = self.checkpoint_name(weight)
             if name is not None:
-                parts[weight] = {"name": name, "tensors": (weight, scales, zeros), "bits": bits,
+                parts[weight] = {"name": name, "tensors": (weight, inputs[2], zeros), "bits": attrs.get("bits", 4),
                                  "block": attrs["block_size"]}
         self.matrices: dict[str, list[dict]] = {}
         for weight in sorted(parts, key=lambda w: self._order(w)):
