@@ -13,7 +13,7 @@ from phiedge import catalog
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
 from phiedge.checkpoints.synth import Shrink, synth
-from phiedge.errors import BuildError
+from phiedge.errors import BuildError, ModelError
 from phiedge.genai_config import apply_generation, generation_settings
 
 REAL = Path(__file__).parent / "fixtures" / "real-phi"
@@ -137,7 +137,8 @@ TEXTS = ["Hello, world! Grüße aus Köln, ça va? こんにちは世界。Пр�
 
 
 def real_tokenizer_folder(folder: str, built: Path, dest: Path) -> Path:
-    """A built model folder with the published tokenizer of `folder` in place of its own."""
+    """A built model folder with the published tokenizer of `folder` in place of its own (xz-compressed files
+    unpacked)."""
     import lzma
 
     shutil.copytree(built, dest)
@@ -146,7 +147,8 @@ def real_tokenizer_folder(folder: str, built: Path, dest: Path) -> Path:
         (dest / name).unlink(missing_ok=True)
         if (REAL / folder / name).is_file():
             shutil.copy(REAL / folder / name, dest / name)
-    (dest / "tokenizer.json").write_bytes(lzma.decompress((REAL / folder / "tokenizer.json.xz").read_bytes()))
+        elif (REAL / folder / f"{name}.xz").is_file():
+            (dest / name).write_bytes(lzma.decompress((REAL / folder / f"{name}.xz").read_bytes()))
     return dest
 
 
@@ -191,4 +193,99 @@ def test_real_fixture_files_carry_the_licence():
     notice = (REAL / "README.md").read_text()
     assert "MIT License" in notice and "Copyright (c) Microsoft Corporation." in notice
     assert not [p for p in REAL.rglob("*") if p.suffix in (".safetensors", ".bin", ".onnx", ".model")]
-    assert sum(p.stat().st_size for p in REAL.rglob("*") if p.is_file()) < 1_200_000  # tokenizers xz-compressed
+    assert sum(p.stat().st_size for p in REAL.rglob("*") if p.is_file()) < 3_000_000  # tokenizers xz-compressed
+
+
+# Where GPT-4o's split and GPT-2's part ways: case changes inside a word, digits (threes against one run), a
+# contraction after capitals, a slash before a newline
+SPLIT_TEXTS = ["HelloWorld 1234567 I'M here/there\r\n\n  x", "CamelCaseWord and_snake_case 3.14159 ÀÉÎõü naïve"]
+
+
+def test_phi_4_minis_vocab_and_merges_split_as_its_published_tokenizer(builds, tmp_path):
+    """Phi-4-mini's published vocab.json and merges.txt (no tokenizer.json): converted as the builder converts them
+    (transformers), with the chat format's GPT-4o split put in, onnxruntime-genai's ids are transformers' on the
+    converted file, and the split is GPT-4o's, not the GPT-2 split transformers' conversion alone gives."""
+    from transformers import AutoTokenizer
+
+    from phiedge.build import tokenizer_json
+    from phiedge.bundle.model_safety import load
+    from phiedge.checkpoints.checkpoint import Checkpoint
+
+    source = real_tokenizer_folder("phi-4-mini-instruct", Path(builds("phi-4-mini", "int4")), tmp_path / "source")
+    model_dir = tmp_path / "model"
+    shutil.copytree(source, model_dir)
+    (model_dir / "tokenizer.json").unlink(missing_ok=True)
+    AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(model_dir))  # what the builder does
+    gpt2 = AutoTokenizer.from_pretrained(str(model_dir))
+    checkpoint = Checkpoint(path=source, config={}, architecture="Phi3ForCausalLM", variant="phi-4-mini",
+                            shrunk=False, notes=())
+    done = tokenizer_json.apply(model_dir, checkpoint)
+    assert done == {"converted_from": ["vocab.json", "merges.txt"], "split_from": "chat format of phi-4-mini",
+                    "split_pattern": catalog.chat_formats()["phi4-mini"].split_pattern}
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    _, og_tok = load(model_dir)
+    for text in TEXTS + SPLIT_TEXTS:
+        assert list(og_tok.encode(text)) == hf(text, add_special_tokens=False)["input_ids"], text
+    assert hf.tokenize("HelloWorld 1234567")[:5] == ["Hello", "World", "Ġ", "123", "456"]
+    assert gpt2.tokenize("HelloWorld 1234567") != hf.tokenize("HelloWorld 1234567")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
+    assert og_tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True) == \
+        hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # a tokenizer.json the builder wrote some other way is not overwritten blindly
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    with pytest.raises(BuildError, match="expected transformers' GPT-2 byte-level pre-tokenizer"):
+        tokenizer_json.apply(model_dir, checkpoint)
+    assert json.loads((model_dir / "tokenizer.json").read_text()) == data
+    # without a variant phiedge knows, transformers' conversion stays, and the record says so
+    unknown = tokenizer_json.apply(model_dir, Checkpoint(path=source, config={}, architecture="Phi3ForCausalLM",
+                                                         variant=None, shrunk=False, notes=()))
+    assert unknown["split_pattern"] is None and "GPT-2" in unknown["split_from"]
+    # a folder with its own tokenizer.json is left alone
+    assert tokenizer_json.apply(model_dir, Checkpoint(path=model_dir, config={}, architecture="Phi3ForCausalLM",
+                                                      variant="phi-4-mini", shrunk=False, notes=())) is None
+
+
+def test_a_checkpoint_with_vocab_and_merges_builds_with_its_variants_split(checkpoints, tmp_path):
+    """A Phi-4-mini-shaped checkpoint whose tokenizer is a vocab.json and merges.txt: inspect accepts it (and reads
+    its largest id there), the build converts it with GPT-4o's split, runs it, and the record says so."""
+    from tokenizers import Tokenizer
+
+    from phiedge.checkpoints.checkpoint import inspect
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints["phi-4-mini"], ckpt)
+    Tokenizer.from_file(str(ckpt / "tokenizer.json")).model.save(str(ckpt))  # vocab.json, merges.txt
+    (ckpt / "tokenizer.json").unlink()
+    config = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "GPT2Tokenizer"}))
+    assert inspect(ckpt).variant == "phi-4-mini"
+    record = build(ckpt, "cpu", tmp_path / "out", BuildOptions(precision="fp32"))
+    assert record["runtime"]["tokenizer"]["split_from"] == "chat format of phi-4-mini"
+    assert record["validation"]["passed"]
+    written = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["pre_tokenizer"]
+    assert written["pretokenizers"][0]["pattern"]["Regex"] == catalog.chat_formats()["phi4-mini"].split_pattern
+    vocab = json.loads((ckpt / "vocab.json").read_text())
+    vocab["<|beyond|>"] = 5000  # past the checkpoint's vocab_size 2048
+    (ckpt / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ModelError, match="token id 5000, beyond config.json's vocab_size 2048"):
+        inspect(ckpt)
+    (ckpt / "merges.txt").unlink()
+    with pytest.raises(ModelError, match="has no tokenizer"):
+        inspect(ckpt)
+
+
+def test_compressed_fixture_tokenizers_are_the_listed_bytes():
+    """Each xz-compressed tokenizer file unpacks to the size and SHA-256 that SOURCES.md lists for it."""
+    import hashlib
+    import lzma
+    import re
+
+    sources = (REAL / "SOURCES.md").read_text()
+    packed = sorted(REAL.rglob("*.xz"))
+    assert len(packed) >= 4
+    for file in packed:
+        name = f"{file.parent.relative_to(REAL)}/{file.stem}"
+        listed = re.search(rf"`{re.escape(name)}` \((\d+) B, sha256 ([0-9a-f]{{64}})\)", sources)
+        assert listed, name
+        data = lzma.decompress(file.read_bytes())
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (int(listed[1]), listed[2]), name

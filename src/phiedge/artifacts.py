@@ -96,6 +96,7 @@ class Runtime(Lenient):
     context_length: int | None = None
     intra_op_num_threads: int
     generation: dict = {}  # the checkpoint's stop tokens and sampling defaults, as written (genai_config)
+    tokenizer: dict | None = None  # how tokenizer.json was made from vocab.json/merges.txt (build/tokenizer_json)
 
 
 class Checks(Closed):

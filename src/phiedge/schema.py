@@ -56,6 +56,10 @@ class ChatFormat(Strict):
                                                     "eos_tokens)")
     pad_token: str
     template: str = Field(description="Jinja chat template, as in tokenizer_config.json")
+    split_pattern: str | None = Field(None, description="the regex the published tokenizer.json splits text with "
+                                                        "before byte-level BPE, where it is not GPT-2's: written into "
+                                                        "the tokenizer.json a build converts from vocab.json and "
+                                                        "merges.txt (build/tokenizer_json.py)")
 
     @model_validator(mode="after")
     def _tokens_are_special(self) -> ChatFormat:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from phiedge import __version__, genai_config
 from phiedge.artifacts import RECORD, REPORT, WEIGHTS, ModelFolder, WeightDigests
-from phiedge.build import graph_fixes, olive, olive_config
+from phiedge.build import graph_fixes, olive, olive_config, tokenizer_json
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, Plan, plan
 from phiedge.build.record import reproducible, stack_versions
@@ -131,11 +131,15 @@ def export(b: Build) -> None:
 
 
 def fix(b: Build) -> None:
-    """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap, the thread count, and the
-    checkpoint's stop tokens and sampling defaults."""
+    """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap, the thread count, the
+    checkpoint's stop tokens and sampling defaults, and the split pattern of a tokenizer it converted."""
     b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
     b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
     b.runtime["generation"] = genai_config.apply_generation(b.tmp, b.plan.checkpoint.path)
+    b.runtime["tokenizer"] = tokenizer_json.apply(b.tmp, b.plan.checkpoint)
+    if b.runtime["tokenizer"]:
+        b.progress.step(f"tokenizer.json converted from vocab.json and merges.txt, split as "
+                        f"{b.runtime['tokenizer']['split_from']}")
     b.folder.reload()
 
 

@@ -19,7 +19,9 @@ from phiedge.schema import Variant
 
 SYNTH_FILE = "phiedge_synth.json"
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+# A tokenizer is any one of these sets of files: what `tokenizers` saves, a sentencepiece model, or a GPT-2 style
+# vocabulary and merges as the slow tokenizers save them (Phi-4-mini's published folder, for one: tokenizer_json.py)
+TOKENIZERS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,25 @@ def safetensors_problem(file: Path) -> str | None:
 
 
 def tokenizer_max_id(path: Path) -> int | None:
-    """Largest token id in tokenizer.json (vocabulary and added tokens), or None without one."""
+    """Largest token id of the tokenizer (vocabulary and added tokens) in tokenizer.json, or in vocab.json with
+    tokenizer_config.json's added tokens; None without either."""
     file = path / "tokenizer.json"
+    if not file.is_file():
+        file = path / "vocab.json"
     if not file.is_file():
         return None
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
-        ids = list((data.get("model") or {}).get("vocab", {}).values())
-        ids += [t["id"] for t in data.get("added_tokens") or []]
+        if file.name == "tokenizer.json":
+            ids = list((data.get("model") or {}).get("vocab", {}).values())
+            ids += [t["id"] for t in data.get("added_tokens") or []]
+        else:
+            ids = list(data.values())
+            extra = path / "tokenizer_config.json"
+            if extra.is_file():
+                ids += [int(i) for i in json.loads(extra.read_text(encoding="utf-8")).get("added_tokens_decoder", {})]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        raise ModelError(f"{file} is not a readable tokenizer.json") from None
+        raise ModelError(f"{file} is not a readable {file.name}") from None
     ids = [i for i in ids if isinstance(i, int)]
     return max(ids) if ids else None
 
@@ -214,8 +225,8 @@ def inspect(path: str | Path) -> Checkpoint:
                          "the ONNX Runtime GenAI builder would take that layer for the LM head")
     if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
         raise ModelError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise ModelError(f"{path} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZERS):
+        raise ModelError(f"{path} has no tokenizer ({' or '.join(' with '.join(files) for files in TOKENIZERS)})")
     for file in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:
