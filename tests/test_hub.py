@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -98,3 +99,69 @@ def test_hub_errors_are_one_line(served, tmp_path):
     assert opened.returncode == 0, opened.stderr
     folder = phiedge(["fetch", str(tmp_path / "d"), "-o", str(tmp_path / "e")], env)
     assert "neither a hub id" in one_line_error(folder)
+
+
+def test_build_takes_a_hub_id_into_the_cache_and_reuses_it_offline(served, tmp_path):
+    """`build --model ID --revision`: fetched into HF_HOME's cache (not into a folder of the user's), the commit
+    in the record; offline, the same id and the catalog name plan from the cache (huggingface_hub knows the
+    snapshot by the revision it was fetched at); one line for what is not in it."""
+    hub, url, commit = served
+    home = tmp_path / "hf"
+    args = ["--target", "cpu", "--precision", "fp32", "--no-validate", "-q"]
+    online = phiedge(["build", "--model", REPO, "--revision", "v1", *args, "-o", str(tmp_path / "a")],
+                     environment(url, home))
+    assert online.returncode == 0, online.stderr
+    source = json.loads((tmp_path / "a" / "phiedge_build.json").read_text())["source"]
+    assert source["hub"] == {"repo_id": REPO, "revision": "v1", "commit": commit}
+    assert source["name"] == "Phi-4-mini-instruct"
+    assert (home / "hub" / "models--microsoft--Phi-4-mini-instruct" / "snapshots" / commit / "config.json").is_file()
+    assert not any(name in path for _, path, _ in hub.log for name in NOT_FETCHED)
+    checked = phiedge(["validate", str(tmp_path / "a"), "--reference", REPO], environment(url, home))
+    assert checked.returncode == 0 and "PASS" in checked.stdout, checked.stdout + checked.stderr
+    served_before = len(hub.log)
+    offline = environment(url, home, offline=True)
+    for model in (REPO, "phi-4-mini"):  # --dry-run: the plan resolves the checkpoint as a build does
+        again = phiedge(["build", "--model", model, "--revision", "v1", "--target", "cpu", "--precision", "fp32",
+                         "--dry-run"], offline)
+        assert again.returncode == 0, again.stderr
+        assert commit in json.loads(again.stdout)["input_model"]["model_path"]
+    assert len(hub.log) == served_before  # offline means no request at all
+    missing = phiedge(["build", "--model", "microsoft/phi-2", *args, "-o", str(tmp_path / "b")], offline)
+    line = one_line_error(missing)
+    assert "no folder microsoft/phi-2 here" in line and "not in the Hugging Face cache" in line
+    assert not (tmp_path / "b").exists()
+    folder = phiedge(["build", "--model", str(tmp_path / "a"), "--revision", "v1", *args, "-o", str(tmp_path / "c")],
+                     offline)
+    assert "names a commit of a hub repository" in one_line_error(folder)
+
+
+def test_a_cut_off_download_resumes_where_it_stopped(tmp_path):
+    """A fetch killed in the middle of a file leaves its first 10 MB (huggingface_hub's write chunk); the next
+    fetch asks the hub for the rest only (Range) and the file is whole."""
+    from phiedge.checkpoints.synth import Shrink, synth
+
+    wide = Path(synth("phi-4-mini", tmp_path / "wide", Shrink(layers=1, heads=3, kv_heads=1, intermediate=256,
+                                                              vocab=32768), seed=3)["path"])
+    weights = (wide / "model.safetensors").read_bytes()
+    assert len(weights) // 2 > 10 * 2**20
+    hub = Hub(stall="model.safetensors")
+    hub.add(REPO, wide)
+    out, env = tmp_path / "phi", None
+    with Server(hub) as url:
+        env = environment(url, tmp_path / "hf")
+        first = phiedge(["fetch", REPO, "-o", str(out)], env, wait=False)
+        assert hub.stalled.wait(120), first.communicate(timeout=30)
+        partial = out / ".cache" / "huggingface" / "download"
+        for _ in range(600):
+            kept = [p.stat().st_size for p in partial.rglob("*.incomplete")] if partial.exists() else []
+            if kept and kept[0] >= 10 * 2**20:
+                break
+            time.sleep(0.1)
+        first.kill()
+        first.communicate(timeout=30)
+        assert kept and kept[0] == 10 * 2**20 and not (out / "model.safetensors").exists()
+        second = phiedge(["fetch", REPO, "-o", str(out)], env)
+    assert second.returncode == 0, second.stderr
+    assert (out / "model.safetensors").read_bytes() == weights
+    ranges = [r for method, path, r in hub.log if method == "GET" and path.endswith("/model.safetensors")]
+    assert ranges == [None, f"bytes={10 * 2**20}-"]

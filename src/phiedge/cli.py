@@ -89,8 +89,8 @@ def parse_thresholds(values: tuple[str, ...]) -> dict:
 
 TRUST_HELP = ("Refuse the bundle unless its manifest is signed by this minisign public key (a .pub file or "
               "the RW... key line); also read from PHIEDGE_TRUST.")
-MODEL_HELP = ("Hugging Face checkpoint folder (`phiedge fetch` fills one from a hub id; the build record then "
-              "names the hub commit).")
+MODEL_HELP = ("Hugging Face checkpoint: a folder, or a hub id (OWNER/NAME) or catalog name (`phiedge models`) "
+              "fetched into the Hugging Face cache; the build record names the hub commit.")
 THRESHOLD_HELP = ("Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy; "
                   "dequantized.logits_rel_rms for the check against the dequantized weights).")
 
@@ -191,6 +191,7 @@ def train_command(out, like, steps, seed, force):
               help="Device target (see `phiedge targets`); several, comma-separated, make a release in -o.")
 @click.option("--all-targets", is_flag=True, help="Build, validate and package every target into -o with an index.")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help=MODEL_HELP)
+@click.option("--revision", default=None, help="Branch, tag or commit of a --model hub id (default: main).")
 @click.option("-o", "--output", "out", type=click.Path(), default=None,
               help="Model folder to write (a release folder with several targets).")
 @click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
@@ -232,7 +233,7 @@ def train_command(out, like, steps, seed, force):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def build_command(target_name, all_targets, model_dir, out, precision, block_size, accuracy_level, symmetric,
+def build_command(target_name, all_targets, model_dir, revision, out, precision, block_size, accuracy_level, symmetric,
                   algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer,
                   eight_bit, calibrate, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
                   no_bench, force, quiet):
@@ -244,7 +245,8 @@ def build_command(target_name, all_targets, model_dir, out, precision, block_siz
                                   quantizer=quantizer, calibrate=calibrate,
                                   eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
-                           calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds))
+                           calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds),
+                           revision=revision)
     if bool(target_name) == all_targets:
         raise click.UsageError("Give --target NAME[,NAME...] or --all-targets.")
     names = None if all_targets else [t.strip() for t in target_name.split(",") if t.strip()]
@@ -278,7 +280,7 @@ def fetch_command(model, out, revision):
 @cli.command("validate")
 @click.argument("model_dir", type=click.Path())
 @click.option("--reference", required=True, type=click.Path(),
-              help="The original Hugging Face checkpoint folder.")
+              help="The original checkpoint: a folder, or a hub id or catalog name (from the Hugging Face cache).")
 @click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
 @click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
               help="Precision whose thresholds apply (default: the build's).")

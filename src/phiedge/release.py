@@ -94,8 +94,7 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
             force: bool = False, progress: Progress | None = None, run_bench: bool = True) -> dict:
     progress = progress or Progress(quiet=True)
     names = targets or sorted(catalog.targets())
-    for name in names:  # every target's options are checked before anything is built
-        plan(model_dir, name, options)
+    plans = [plan(model_dir, name, options) for name in names]  # every target's options checked before building
     with staged_dir(Path(dist), force=force, progress=progress) as tmp:
         exports = Exports(tmp / ".exports")
         entries = []
@@ -113,5 +112,5 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
             entries.append(e)
         shutil.rmtree(tmp / ".builds")
         shutil.rmtree(tmp / ".exports", ignore_errors=True)
-        result = write_index(tmp, entries, Path(model_dir).name)
+        result = write_index(tmp, entries, plans[0].checkpoint.name)
     return result

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from phiedge import catalog
 from phiedge.build import olive_config
 from phiedge.catalog import pydantic_problems
-from phiedge.checkpoints.checkpoint import Checkpoint, inspect
+from phiedge.checkpoints.checkpoint import Checkpoint, locate
 from phiedge.checkpoints.weights import Weights
 from phiedge.checks.validate import with_overrides
 from phiedge.errors import ConfigError
@@ -32,6 +32,7 @@ class BuildOptions:
     calibration: str | None = None  # text file for calibrated recipes (default: stdlib training split)
     validate: bool = True  # compare with the checkpoint in transformers; fail the build on a crossed threshold
     thresholds: dict = field(default_factory=dict)  # overrides of the target's thresholds for this precision
+    revision: str | None = None  # branch, tag or commit when the model is a hub id
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,10 @@ def merge_int4(target: Int4Settings, overrides: dict, notes: list[str]) -> dict:
 
 
 def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildOptions()) -> Plan:
-    """Resolve target, checkpoint and options; every option problem is reported at once."""
+    """Resolve target, checkpoint (a folder, or a hub id fetched into the cache) and options; every option
+    problem is reported at once."""
     target = catalog.find_target(target_name)
-    checkpoint = inspect(model_dir)
+    checkpoint = locate(model_dir, options.revision)
     problems = []
     precision = options.precision or target.precision
     if precision not in target.provider.precisions:

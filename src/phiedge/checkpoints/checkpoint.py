@@ -203,8 +203,24 @@ def identify(path: Path, config: dict) -> tuple[Variant | None, bool]:
     return (min(matches, key=lambda v: len(v.name)), False) if matches else (None, False)
 
 
-def inspect(path: str | Path) -> Checkpoint:
-    """Read and check a checkpoint folder; raise ModelError with one line on the first problem."""
+def locate(model: str | Path, revision: str | None = None) -> Checkpoint:
+    """The checkpoint `model` names: a folder here, else a hub id or catalog name, fetched into the Hugging Face
+    cache when it is not there yet (hub.snapshot); inspected either way."""
+    repo_id = None if Path(model).exists() else hub.hub_id(str(model))
+    if repo_id is None:
+        if revision is not None:
+            raise ModelError(f"a revision ({revision}) names a commit of a hub repository; {model} is a folder")
+        return inspect(model)
+    try:
+        path, origin = hub.snapshot(repo_id, revision)
+    except ModelError as exc:
+        raise ModelError(f"no folder {model} here, and as a hub id: {exc}") from None
+    return inspect(path, origin)
+
+
+def inspect(path: str | Path, origin: HubOrigin | None = None) -> Checkpoint:
+    """Read and check a checkpoint folder; raise ModelError with one line on the first problem. `origin`: where
+    it was fetched from, when that is not written in the folder (a snapshot in the Hugging Face cache)."""
     path = Path(path)
     config = read_config(path)
     arch = (config.get("architectures") or [None])[0]
@@ -247,4 +263,4 @@ def inspect(path: str | Path) -> Checkpoint:
     variant, shrunk = identify(path, config)
     return Checkpoint(path=path.resolve(), config=config, architecture=arch,
                       variant=variant.name if variant else None, shrunk=shrunk, notes=tuple(notes),
-                      origin=hub.origin(path))
+                      origin=origin or hub.origin(path))

@@ -1,12 +1,14 @@
-"""`phiedge fetch`: a checkpoint named by Hugging Face hub id or catalog name, fetched with huggingface_hub.
+"""Checkpoints named by Hugging Face hub id or catalog name, fetched with huggingface_hub: into a folder
+(`phiedge fetch`) or into the Hugging Face cache (`phiedge build --model ID`).
 
 A catalog name or alias (phi-4-mini, see `phiedge models`) is looked up for its hub id. huggingface_hub's
 `snapshot_download` fills the folder, resuming a transfer that was cut off, showing a progress bar per file,
 reading a token for gated repositories from HF_TOKEN or `hf auth login`, and under HF_HUB_OFFLINE=1 answering
 from what it has. Only what a build reads is fetched (FILES): safetensors weights, configs, tokenizer files
 and licences at the repository's top level; not `*.bin`, not the repository's own `onnx/` or other folders,
-and never its Python files, which phiedge does not run. ORIGIN, written into the folder once every file is
-there, says which commit it came from; a build of the folder records it (`origin`).
+and never its Python files, which phiedge does not run. ORIGIN, written into a fetched folder once every file
+is there, says which commit it came from; a build of the folder records it (`origin`), as a build from the cache
+records the snapshot's commit.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def download(repo_id: str, revision: str | None = None, local_dir: Path | None =
     except OSError as exc:  # a full disk, an unwritable cache, a connection reset past huggingface_hub's retries
         raise ModelError(f"{at}: fetching failed: {exc.strerror or exc}")
     return Path(path)
+
+
+def snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, HubOrigin]:
+    """`build --model ID`: the checkpoint in the Hugging Face cache (fetched into it when missing) and its origin,
+    the commit being the snapshot folder's name."""
+    path = download(repo_id, revision)
+    return path, HubOrigin(repo_id=repo_id, revision=revision, commit=path.name if COMMIT.match(path.name) else None)
 
 
 def first_line(exc: Exception) -> str:

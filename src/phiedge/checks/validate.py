@@ -19,7 +19,7 @@ from phiedge.artifacts import GENAI_CONFIG, REPORT, ModelFolder
 from phiedge.bundle import model_safety
 from phiedge.catalog import pydantic_problems
 from phiedge.checkpoints import corpus
-from phiedge.checkpoints.checkpoint import inspect, synth_record
+from phiedge.checkpoints.checkpoint import locate, synth_record
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checks import dequantized
 from phiedge.checks.greedy import PROMPTS, greedy_metrics
@@ -236,7 +236,7 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
     folder = ModelFolder(built_dir)
     if not (folder.path / GENAI_CONFIG).is_file():
         raise ModelError(f"{folder.path} is not a built model folder (no {GENAI_CONFIG})")
-    inspect(reference_dir)
+    reference_dir = locate(reference_dir).path
     record = folder.record
     target = catalog.find_target(target_name or (record.target if record else "cpu"))
     precision = precision or (record.precision if record else None) or target.precision
