@@ -76,6 +76,18 @@ def test_no_tokenizer(copy):
         inspect(folder)
 
 
+def test_a_shard_the_index_names_must_be_there(copy):
+    """A snapshot an interrupted download left (huggingface_hub answers offline with whatever it has)."""
+    folder = copy()
+    weight_map = {"model.embed_tokens.weight": "model.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ModelError, match=r"names 1 shard\(s\) the folder lacks \(model-00002-of-00002.safetensors\)"):
+        inspect(folder)
+    (folder / "model.safetensors.index.json").write_text("{")
+    with pytest.raises(ModelError, match="not a readable safetensors index"):
+        inspect(folder)
+
+
 def test_vocab_that_the_builder_would_mistake_for_a_layer(copy):
     folder = copy()
     edit_config(folder, vocab_size=512 * 2)  # gate_up_proj width of this shrunk model

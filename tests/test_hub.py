@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,8 +86,13 @@ def test_a_build_of_a_fetched_folder_records_the_commit(served, tmp_path):
     assert "microsoft/phi-2 is not in the Hugging Face cache" in one_line_error(offline)
 
 
-def test_hub_errors_are_one_line(served, tmp_path):
-    _, url, _ = served
+def test_hub_errors_are_one_line(served, checkpoints, tmp_path):
+    hub, url, _ = served
+    moe = tmp_path / "moe"
+    shutil.copytree(checkpoints["phi-4-mini"], moe)
+    config = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**config, "architectures": ["PhiMoEForCausalLM"]}))
+    hub.add("someone/phi-moe", moe)
     env = environment(url, tmp_path / "hf")
     unknown = phiedge(["fetch", "nobody/no-such-phi", "-o", str(tmp_path / "a")], env)
     assert "nobody/no-such-phi: no such repository" in one_line_error(unknown)
@@ -99,6 +105,12 @@ def test_hub_errors_are_one_line(served, tmp_path):
     assert opened.returncode == 0, opened.stderr
     folder = phiedge(["fetch", str(tmp_path / "d"), "-o", str(tmp_path / "e")], env)
     assert "neither a hub id" in one_line_error(folder)
+    typo = phiedge(["build", "--model", "out/my--ckpt", "--target", "cpu", "--dry-run", "-q"], env)  # not a valid hub id
+    assert "model folder out/my--ckpt does not exist" in one_line_error(typo)
+    # config.json first: an architecture phiedge cannot build is refused before any weight is fetched
+    moe = phiedge(["build", "--model", "someone/phi-moe", "--target", "cpu", "-q", "-o", str(tmp_path / "f")], env)
+    assert one_line_error(moe).startswith("Error: someone/phi-moe: PhiMoEForCausalLM (phi-3.5-moe) cannot be built")
+    assert not [path for _, path, _ in hub.log if "phi-moe" in path and path.endswith(".safetensors")]
 
 
 def test_build_takes_a_hub_id_into_the_cache_and_reuses_it_offline(served, tmp_path):
@@ -116,10 +128,11 @@ def test_build_takes_a_hub_id_into_the_cache_and_reuses_it_offline(served, tmp_p
     assert source["name"] == "Phi-4-mini-instruct"
     assert (home / "hub" / "models--microsoft--Phi-4-mini-instruct" / "snapshots" / commit / "config.json").is_file()
     assert not any(name in path for _, path, _ in hub.log for name in NOT_FETCHED)
-    checked = phiedge(["validate", str(tmp_path / "a"), "--reference", REPO], environment(url, home))
-    assert checked.returncode == 0 and "PASS" in checked.stdout, checked.stdout + checked.stderr
     served_before = len(hub.log)
     offline = environment(url, home, offline=True)
+    # offline the cache knows the snapshot as v1, not main: validate finds it by the build's commit
+    checked = phiedge(["validate", str(tmp_path / "a"), "--reference", REPO], offline)
+    assert checked.returncode == 0 and "PASS" in checked.stdout, checked.stdout + checked.stderr
     for model in (REPO, "phi-4-mini"):  # --dry-run: the plan resolves the checkpoint as a build does
         again = phiedge(["build", "--model", model, "--revision", "v1", "--target", "cpu", "--precision", "fp32",
                          "--dry-run"], offline)
@@ -128,11 +141,11 @@ def test_build_takes_a_hub_id_into_the_cache_and_reuses_it_offline(served, tmp_p
     assert len(hub.log) == served_before  # offline means no request at all
     missing = phiedge(["build", "--model", "microsoft/phi-2", *args, "-o", str(tmp_path / "b")], offline)
     line = one_line_error(missing)
-    assert "no folder microsoft/phi-2 here" in line and "not in the Hugging Face cache" in line
+    assert "microsoft/phi-2 is not in the Hugging Face cache" in line and "no folder microsoft/phi-2 here" in line
     assert not (tmp_path / "b").exists()
     folder = phiedge(["build", "--model", str(tmp_path / "a"), "--revision", "v1", *args, "-o", str(tmp_path / "c")],
                      offline)
-    assert "names a commit of a hub repository" in one_line_error(folder)
+    assert "is a folder: --revision (v1) is for a hub id" in one_line_error(folder)
 
 
 def test_a_cut_off_download_resumes_where_it_stopped(tmp_path):

@@ -202,47 +202,44 @@ SPLIT_TEXTS = ["HelloWorld 1234567 I'M here/there\r\n\n  x", "CamelCaseWord and_
 
 
 def test_phi_4_minis_vocab_and_merges_split_as_its_published_tokenizer(builds, tmp_path):
-    """Phi-4-mini's published vocab.json and merges.txt (no tokenizer.json): converted as the builder converts them
-    (transformers), with the chat format's GPT-4o split put in, onnxruntime-genai's ids are transformers' on the
-    converted file, and the split is GPT-4o's, not the GPT-2 split transformers' conversion alone gives."""
+    """Phi-4-mini's published vocab.json and merges.txt without its tokenizer.json: converted as the builder converts
+    them (transformers) with the chat format's GPT-4o split put in, onnxruntime-genai's ids are those of transformers'
+    tokenizer as phiedge loads it for calibration and validation (tokenizer_files.load), and the split is GPT-4o's,
+    not the GPT-2 split transformers' conversion alone gives. (The published tokenizer.json itself is not here to
+    compare with: the pattern's provenance is in the chat format's comment.)"""
     from transformers import AutoTokenizer
 
-    from phiedge.build import tokenizer_json
     from phiedge.bundle.model_safety import load
-    from phiedge.checkpoints.checkpoint import Checkpoint
+    from phiedge.checkpoints import tokenizer_files
 
     source = real_tokenizer_folder("phi-4-mini-instruct", Path(builds("phi-4-mini", "int4")), tmp_path / "source")
+    (source / "phiedge_synth.json").write_text(json.dumps({"like": "phi-4-mini"}))  # identify() names the variant
     model_dir = tmp_path / "model"
     shutil.copytree(source, model_dir)
-    (model_dir / "tokenizer.json").unlink(missing_ok=True)
     AutoTokenizer.from_pretrained(str(source)).save_pretrained(str(model_dir))  # what the builder does
     gpt2 = AutoTokenizer.from_pretrained(str(model_dir))
-    checkpoint = Checkpoint(path=source, config={}, architecture="Phi3ForCausalLM", variant="phi-4-mini",
-                            shrunk=False, notes=())
-    done = tokenizer_json.apply(model_dir, checkpoint)
-    assert done == {"converted_from": ["vocab.json", "merges.txt"], "split_from": "chat format of phi-4-mini",
-                    "split_pattern": catalog.chat_formats()["phi4-mini"].split_pattern}
-    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    done = tokenizer_files.apply(model_dir, source, "phi-4-mini")
+    assert done.model_dump() == {"converted_from": ["vocab.json", "merges.txt"], "split_from": "chat format of phi-4-mini",
+                                 "split_pattern": catalog.chat_formats()["phi4-mini"].split_pattern}
+    reference = tokenizer_files.load(source)
     _, og_tok = load(model_dir)
     for text in TEXTS + SPLIT_TEXTS:
-        assert list(og_tok.encode(text)) == hf(text, add_special_tokens=False)["input_ids"], text
-    assert hf.tokenize("HelloWorld 1234567")[:5] == ["Hello", "World", "Ġ", "123", "456"]
-    assert gpt2.tokenize("HelloWorld 1234567") != hf.tokenize("HelloWorld 1234567")
+        assert list(og_tok.encode(text)) == reference(text, add_special_tokens=False)["input_ids"], text
+    assert reference.tokenize("HelloWorld 1234567")[:5] == ["Hello", "World", "Ġ", "123", "456"]
+    assert gpt2.tokenize("HelloWorld 1234567") != reference.tokenize("HelloWorld 1234567")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": TEXTS[0]}]
     assert og_tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True) == \
-        hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # a tokenizer.json the builder wrote some other way is not overwritten blindly
-    data = json.loads((model_dir / "tokenizer.json").read_text())
+    data = (model_dir / "tokenizer.json").read_text()
     with pytest.raises(BuildError, match="expected transformers' GPT-2 byte-level pre-tokenizer"):
-        tokenizer_json.apply(model_dir, checkpoint)
-    assert json.loads((model_dir / "tokenizer.json").read_text()) == data
+        tokenizer_files.apply(model_dir, source, "phi-4-mini")
+    assert (model_dir / "tokenizer.json").read_text() == data
     # without a variant phiedge knows, transformers' conversion stays, and the record says so
-    unknown = tokenizer_json.apply(model_dir, Checkpoint(path=source, config={}, architecture="Phi3ForCausalLM",
-                                                         variant=None, shrunk=False, notes=()))
-    assert unknown["split_pattern"] is None and "GPT-2" in unknown["split_from"]
+    unknown = tokenizer_files.apply(model_dir, source, None)
+    assert unknown.split_pattern is None and "GPT-2" in unknown.split_from
     # a folder with its own tokenizer.json is left alone
-    assert tokenizer_json.apply(model_dir, Checkpoint(path=model_dir, config={}, architecture="Phi3ForCausalLM",
-                                                      variant="phi-4-mini", shrunk=False, notes=())) is None
+    assert tokenizer_files.apply(model_dir, model_dir, "phi-4-mini") is None
 
 
 def test_a_checkpoint_with_vocab_and_merges_builds_with_its_variants_split(checkpoints, tmp_path):
@@ -307,6 +304,8 @@ def test_a_checkpoint_with_the_published_config_and_tokenizer_builds(variant, fo
     for name in ("tokenizer.json", "tokenizer.model", "chat_template.jinja"):
         (ckpt / name).unlink(missing_ok=True)
     real_tokenizer_folder(folder, ckpt, tmp_path / "model")
+    for module in published["auto_map"].values():  # the code auto_map names, as the hub repository has it
+        (tmp_path / "model" / f"{module.split('.')[0].split('--')[-1]}.py").write_text("raise SystemExit('ran')\n")
     if (REAL / folder / "generation_config.json").is_file():
         shutil.copy(REAL / folder / "generation_config.json", tmp_path / "model")
     for precision in ("fp32", "int4"):

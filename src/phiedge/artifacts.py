@@ -91,12 +91,20 @@ class Source(Lenient):
     notes: list[str] = []
 
 
+class TokenizerConversion(Closed):
+    """How a build made tokenizer.json from a checkpoint's vocab.json and merges.txt (checkpoints/tokenizer_files)."""
+
+    converted_from: list[str]
+    split_pattern: str | None  # the regex text is split with before byte-level BPE; None: GPT-2's
+    split_from: str  # where the pattern came from
+
+
 class Runtime(Lenient):
     max_length: int
     context_length: int | None = None
     intra_op_num_threads: int
     generation: dict = {}  # the checkpoint's stop tokens and sampling defaults, as written (genai_config)
-    tokenizer: dict | None = None  # how tokenizer.json was made from vocab.json/merges.txt (build/tokenizer_json)
+    tokenizer: TokenizerConversion | None = None  # how tokenizer.json was made from vocab.json and merges.txt
 
 
 class Checks(Closed):

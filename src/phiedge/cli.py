@@ -238,6 +238,8 @@ def build_command(target_name, all_targets, model_dir, revision, out, precision,
                   eight_bit, calibrate, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
                   no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
+    if quiet:
+        hub.quiet()
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
@@ -280,7 +282,8 @@ def fetch_command(model, out, revision):
 @cli.command("validate")
 @click.argument("model_dir", type=click.Path())
 @click.option("--reference", required=True, type=click.Path(),
-              help="The original checkpoint: a folder, or a hub id or catalog name (from the Hugging Face cache).")
+              help="The original checkpoint: a folder, or a hub id or catalog name (fetched into the Hugging Face "
+                   "cache; the build's own hub id at the build's commit).")
 @click.option("--target", "target_name", default=None, help="Target whose thresholds apply (default: the build's).")
 @click.option("--precision", type=click.Choice(choices(Target, "precision")), default=None,
               help="Precision whose thresholds apply (default: the build's).")

@@ -59,7 +59,19 @@ class ChatFormat(Strict):
     split_pattern: str | None = Field(None, description="the regex the published tokenizer.json splits text with "
                                                         "before byte-level BPE, where it is not GPT-2's: written into "
                                                         "the tokenizer.json a build converts from vocab.json and "
-                                                        "merges.txt (build/tokenizer_json.py)")
+                                                        "merges.txt (checkpoints/tokenizer_files.py)")
+
+    @field_validator("split_pattern")
+    @classmethod
+    def _split_pattern_compiles(cls, pattern: str | None) -> str | None:
+        from tokenizers import Regex  # the regex engine tokenizer.json's Split runs on (Oniguruma)
+
+        if pattern is not None:
+            try:
+                Regex(pattern)
+            except Exception as exc:  # tokenizers raises a plain Exception
+                raise ValueError(f"split_pattern does not compile: {exc}") from None
+        return pattern
 
     @model_validator(mode="after")
     def _tokens_are_special(self) -> ChatFormat:

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 from phiedge import catalog
 from phiedge.build import olive_config
 from phiedge.catalog import pydantic_problems
-from phiedge.checkpoints.checkpoint import Checkpoint, locate
+from phiedge.checkpoints.checkpoint import Checkpoint
+from phiedge.checkpoints.locate import locate
 from phiedge.checkpoints.weights import Weights
 from phiedge.checks.validate import with_overrides
 from phiedge.errors import ConfigError

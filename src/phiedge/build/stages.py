@@ -15,11 +15,12 @@ from pathlib import Path
 
 from phiedge import __version__, genai_config
 from phiedge.artifacts import RECORD, REPORT, WEIGHTS, ModelFolder, WeightDigests
-from phiedge.build import graph_fixes, olive, olive_config, tokenizer_json
+from phiedge.build import graph_fixes, olive, olive_config
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, Plan, plan
 from phiedge.build.record import reproducible, stack_versions
 from phiedge.bundle.smoke import smoke_generate
+from phiedge.checkpoints import tokenizer_files
 from phiedge.checkpoints.checkpoint import parameter_shapes
 from phiedge.checkpoints.corpus import write_calibration
 from phiedge.checks import budget, files, operators
@@ -136,10 +137,10 @@ def fix(b: Build) -> None:
     b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
     b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
     b.runtime["generation"] = genai_config.apply_generation(b.tmp, b.plan.checkpoint.path)
-    b.runtime["tokenizer"] = tokenizer_json.apply(b.tmp, b.plan.checkpoint)
-    if b.runtime["tokenizer"]:
-        b.progress.step(f"tokenizer.json converted from vocab.json and merges.txt, split as "
-                        f"{b.runtime['tokenizer']['split_from']}")
+    conversion = tokenizer_files.apply(b.tmp, b.plan.checkpoint.path, b.plan.checkpoint.variant)
+    b.runtime["tokenizer"] = conversion and conversion.model_dump()
+    if conversion:
+        b.progress.step(f"tokenizer.json converted from vocab.json and merges.txt, split as {conversion.split_from}")
     b.folder.reload()
 
 

@@ -20,7 +20,7 @@ from phiedge.schema import Variant
 SYNTH_FILE = "phiedge_synth.json"
 WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin")
 # A tokenizer is any one of these sets of files: what `tokenizers` saves, a sentencepiece model, or a GPT-2 style
-# vocabulary and merges as the slow tokenizers save them (Phi-4-mini's published folder, for one: tokenizer_json.py)
+# vocabulary and merges as the slow tokenizers save them (split as the variant's published tokenizer: tokenizer_files)
 TOKENIZERS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
@@ -126,26 +126,36 @@ def safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def tokenizer_max_id(path: Path) -> int | None:
-    """Largest token id of the tokenizer (vocabulary and added tokens) in tokenizer.json, or in vocab.json with
-    tokenizer_config.json's added tokens; None without either."""
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        file = path / "vocab.json"
-    if not file.is_file():
-        return None
+def missing_shards(path: Path) -> list[str]:
+    """Weight files model.safetensors.index.json names that are not in the folder."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-        if file.name == "tokenizer.json":
-            ids = list((data.get("model") or {}).get("vocab", {}).values())
-            ids += [t["id"] for t in data.get("added_tokens") or []]
-        else:
-            ids = list(data.values())
-            extra = path / "tokenizer_config.json"
-            if extra.is_file():
-                ids += [int(i) for i in json.loads(extra.read_text(encoding="utf-8")).get("added_tokens_decoder", {})]
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        raise ModelError(f"{file} is not a readable {file.name}") from None
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise ModelError(f"{index} is not a readable safetensors index") from None
+    return [n for n in names if not (path / str(n)).is_file()]
+
+
+def tokenizer_max_id(path: Path) -> int | None:
+    """Largest token id of the tokenizer (vocabulary and added tokens) in tokenizer.json, or in vocab.json with the
+    added tokens of tokenizer_config.json and added_tokens.json; None without either."""
+    def ids_in(file: Path, read) -> list:
+        try:
+            return read(json.loads(file.read_text(encoding="utf-8"))) if file.is_file() else []
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            raise ModelError(f"{file} is not a readable {file.name}") from None
+
+    if (path / "tokenizer.json").is_file():
+        ids = ids_in(path / "tokenizer.json", lambda d: [*(d.get("model") or {}).get("vocab", {}).values(),
+                                                         *(t["id"] for t in d.get("added_tokens") or [])])
+    elif (path / "vocab.json").is_file():
+        ids = [*ids_in(path / "vocab.json", lambda d: list(d.values())),
+               *ids_in(path / "tokenizer_config.json", lambda d: [int(i) for i in d.get("added_tokens_decoder", {})]),
+               *ids_in(path / "added_tokens.json", lambda d: list(d.values()))]
+    else:
+        return None
     ids = [i for i in ids if isinstance(i, int)]
     return max(ids) if ids else None
 
@@ -203,26 +213,9 @@ def identify(path: Path, config: dict) -> tuple[Variant | None, bool]:
     return (min(matches, key=lambda v: len(v.name)), False) if matches else (None, False)
 
 
-def locate(model: str | Path, revision: str | None = None) -> Checkpoint:
-    """The checkpoint `model` names: a folder here, else a hub id or catalog name, fetched into the Hugging Face
-    cache when it is not there yet (hub.snapshot); inspected either way."""
-    repo_id = None if Path(model).exists() else hub.hub_id(str(model))
-    if repo_id is None:
-        if revision is not None:
-            raise ModelError(f"a revision ({revision}) names a commit of a hub repository; {model} is a folder")
-        return inspect(model)
-    try:
-        path, origin = hub.snapshot(repo_id, revision)
-    except ModelError as exc:
-        raise ModelError(f"no folder {model} here, and as a hub id: {exc}") from None
-    return inspect(path, origin)
-
-
-def inspect(path: str | Path, origin: HubOrigin | None = None) -> Checkpoint:
-    """Read and check a checkpoint folder; raise ModelError with one line on the first problem. `origin`: where
-    it was fetched from, when that is not written in the folder (a snapshot in the Hugging Face cache)."""
-    path = Path(path)
-    config = read_config(path)
+def check_config(path: Path, config: dict) -> str:
+    """What config.json alone says against a build: an architecture phiedge cannot build, missing sizes, a layer
+    the builder would take for the LM head. Returns the architecture."""
     arch = (config.get("architectures") or [None])[0]
     buildable, blocked = catalog.architectures()
     if arch in blocked:
@@ -239,10 +232,23 @@ def inspect(path: str | Path, origin: HubOrigin | None = None) -> Checkpoint:
     if collisions:
         raise ModelError(f"{path}: vocab_size {config['vocab_size']} equals the width of {', '.join(collisions)}; "
                          "the ONNX Runtime GenAI builder would take that layer for the LM head")
+    return arch
+
+
+def inspect(path: str | Path, origin: HubOrigin | None = None) -> Checkpoint:
+    """Read and check a checkpoint folder; raise ModelError with one line on the first problem. `origin`: where
+    it was fetched from, when that is not written in the folder (a snapshot in the Hugging Face cache)."""
+    path = Path(path)
+    config = read_config(path)
+    arch = check_config(path, config)
     if not any(next(path.glob(g), None) for g in WEIGHT_GLOBS):
         raise ModelError(f"{path} has no weights (*.safetensors or pytorch_model*.bin)")
     if not any(all((path / f).is_file() for f in files) for files in TOKENIZERS):
         raise ModelError(f"{path} has no tokenizer ({' or '.join(' with '.join(files) for files in TOKENIZERS)})")
+    missing = missing_shards(path)
+    if missing:
+        raise ModelError(f"{path}: model.safetensors.index.json names {len(missing)} shard(s) the folder lacks "
+                         f"({', '.join(missing[:3])}): a download that did not finish? (phiedge fetch resumes it)")
     for file in sorted(path.glob("*.safetensors")):
         problem = safetensors_problem(file)
         if problem:

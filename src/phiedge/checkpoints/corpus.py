@@ -8,6 +8,8 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+from phiedge.checkpoints import tokenizer_files
+
 
 def stdlib_files(limit_bytes: int | None = None) -> list[Path]:
     """Top-level stdlib modules in name order (deterministic for a given Python version)."""
@@ -74,7 +76,4 @@ def write_calibration(path: Path, text_file: Path | None = None, samples: int = 
 
 def eval_ids(model_dir: str | Path, n_tokens: int) -> list[int]:
     """The first n_tokens of held-out stdlib text, in the model's tokenizer."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-    return first_tokens(tokenizer, split_files()[1], n_tokens)
+    return first_tokens(tokenizer_files.load(model_dir), split_files()[1], n_tokens)

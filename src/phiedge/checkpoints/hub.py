@@ -1,5 +1,5 @@
 """Checkpoints named by Hugging Face hub id or catalog name, fetched with huggingface_hub: into a folder
-(`phiedge fetch`) or into the Hugging Face cache (`phiedge build --model ID`).
+(`phiedge fetch`) or into the Hugging Face cache (`phiedge build --model ID`, locate.py).
 
 A catalog name or alias (phi-4-mini, see `phiedge models`) is looked up for its hub id. huggingface_hub's
 `snapshot_download` fills the folder, resuming a transfer that was cut off, showing a progress bar per file,
@@ -37,11 +37,21 @@ def hub_id(model: str) -> str | None:
         return find_variant(model).hf_id
     except NotFoundError:
         pass
-    return model if HUB_ID.match(model) else None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not HUB_ID.match(model):
+        return None
+    try:
+        validate_repo_id(model)  # what snapshot_download would refuse ("--", "..", a trailing ".git")
+    except HFValidationError:
+        return None
+    return model
 
 
-def download(repo_id: str, revision: str | None = None, local_dir: Path | None = None) -> Path:
-    """The checkpoint's folder after fetching it (into the cache, or into local_dir); any failure one line."""
+def download(repo_id: str, revision: str | None = None, local_dir: Path | None = None,
+             files: list[str] = FILES) -> Path:
+    """The checkpoint's folder after fetching `files` (patterns) of it into the cache, or into local_dir; any
+    failure one line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -55,7 +65,7 @@ def download(repo_id: str, revision: str | None = None, local_dir: Path | None =
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=FILES, ignore_patterns=SUBFOLDERS,
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=files, ignore_patterns=SUBFOLDERS,
                                  local_dir=str(local_dir) if local_dir is not None else None)
     except GatedRepoError:
         raise ModelError(f"{at} is gated: accept its licence on the hub and set HF_TOKEN (or run hf auth login)")
@@ -80,6 +90,13 @@ def snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, HubOrigin
     the commit being the snapshot folder's name."""
     path = download(repo_id, revision)
     return path, HubOrigin(repo_id=repo_id, revision=revision, commit=path.name if COMMIT.match(path.name) else None)
+
+
+def quiet() -> None:
+    """No huggingface_hub progress bars on stderr (`build -q`)."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
 
 
 def first_line(exc: Exception) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from phiedge.bundle.generate import generate
 from phiedge.bundle.model_safety import load
+from phiedge.checkpoints import tokenizer_files
 from phiedge.checkpoints.fp32 import load_reference
 
 PROMPTS = (
@@ -50,8 +51,5 @@ def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_toke
 def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_tokens: int = 32,
                   prompts: tuple[str, ...] = PROMPTS) -> list[dict]:
     """greedy_metrics' rows for a built folder and a checkpoint folder."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
     model, _ = load(built_dir)
-    return greedy_metrics(model, load_reference(reference_dir), tokenizer, prompts, max_new_tokens)["prompts"]
+    return greedy_metrics(model, load_reference(reference_dir), tokenizer_files.load(reference_dir), prompts, max_new_tokens)["prompts"]

@@ -18,9 +18,10 @@ from phiedge import catalog
 from phiedge.artifacts import GENAI_CONFIG, REPORT, ModelFolder
 from phiedge.bundle import model_safety
 from phiedge.catalog import pydantic_problems
-from phiedge.checkpoints import corpus
-from phiedge.checkpoints.checkpoint import locate, synth_record
+from phiedge.checkpoints import corpus, hub, tokenizer_files
+from phiedge.checkpoints.checkpoint import synth_record
 from phiedge.checkpoints.fp32 import load_reference
+from phiedge.checkpoints.locate import locate
 from phiedge.checks import dequantized
 from phiedge.checks.greedy import PROMPTS, greedy_metrics
 from phiedge.errors import ConfigError, ModelError, NotEnforced, ValidationFailed
@@ -179,15 +180,13 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
     when at least one check was enforced and all enforced ones were met, and null when nothing was
     enforced: never true for what was not checked.
     """
-    from transformers import AutoTokenizer
-
     folder = built_dir if isinstance(built_dir, ModelFolder) else ModelFolder(built_dir)
     built_dir, reference_dir = folder.path, Path(reference_dir)
     if dequantized.not_applicable(precision, int4) is None:
         dequantized.digests_of(folder)  # a missing or unreadable digest file fails before anything is measured
     model, _ = model_safety.load(built_dir)
     reference = load_reference(reference_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
+    tokenizer = tokenizer_files.load(reference_dir)
     ids = eval_ids if eval_ids is not None else corpus.eval_ids(reference_dir, settings.eval_tokens)
     max_length = folder.config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
@@ -232,12 +231,15 @@ def raise_unless_enforced(report: dict) -> None:
 def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name: str | None = None,
                    precision: str | None = None, overrides: dict | None = None,
                    text_file: str | Path | None = None) -> dict:
-    """Validate a folder written by `phiedge build`, with its target's settings unless told otherwise."""
+    """Validate a folder written by `phiedge build`, with its target's settings unless told otherwise. A reference
+    named by the hub id the build came from is taken at the build's commit."""
     folder = ModelFolder(built_dir)
     if not (folder.path / GENAI_CONFIG).is_file():
         raise ModelError(f"{folder.path} is not a built model folder (no {GENAI_CONFIG})")
-    reference_dir = locate(reference_dir).path
     record = folder.record
+    fetched = record.source.hub if record else None  # a reference by hub id: the commit the build was made from
+    same = fetched is not None and hub.hub_id(str(reference_dir)) == fetched.repo_id
+    reference_dir = locate(reference_dir, fetched.commit if same else None).path
     target = catalog.find_target(target_name or (record.target if record else "cpu"))
     precision = precision or (record.precision if record else None) or target.precision
     try:
@@ -246,14 +248,11 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         raise ConfigError("--threshold", pydantic_problems(exc)) from None
     ids = None
     if text_file is not None:
-        from transformers import AutoTokenizer
-
         try:
             text = Path(text_file).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("--text", [f"cannot read {text_file}: {exc.strerror}"]) from None
-        tokenizer = AutoTokenizer.from_pretrained(str(reference_dir), trust_remote_code=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer_files.load(reference_dir)(text, add_special_tokens=False)["input_ids"]
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]

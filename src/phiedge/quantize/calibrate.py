@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phiedge.checkpoints import tokenizer_files
 from phiedge.checkpoints.corpus import calibration_ids
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checkpoints.weights import Weights
@@ -76,12 +77,11 @@ class Calibration:
     def __init__(self, model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS,
                  window: int = WINDOW, progress=None):
         import torch
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
 
         self.started = time.perf_counter()
         self.model_dir = Path(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=False)
-        ids = calibration_ids(tokenizer, tokens, Path(text_file) if text_file is not None else None)
+        ids = calibration_ids(tokenizer_files.load(self.model_dir), tokens, Path(text_file) if text_file is not None else None)
         self.config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
         window = min(window, int(self.config.max_position_embeddings))
         if len(ids) < 2:
