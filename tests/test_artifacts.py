@@ -87,8 +87,8 @@ def test_the_well_formed_manifest_gets_past_the_manifest(runner, tmp_path):
 # Floor 0 is the package's root (errors, schema, catalog, artifacts, ...); the packages show the pipeline.
 FLOORS = {
     "phiedge": 0, "phiedge.checkpoints": 1, "phiedge.quantize": 2, "phiedge.bundle": 2, "phiedge.checks": 3,
-    "phiedge.build": 4, "phiedge.bench": 5, "phiedge.models": 5, "phiedge.release": 6, "phiedge.demo": 6,
-    "phiedge.cli": 7,
+    "phiedge.build": 4, "phiedge.bench": 5, "phiedge.models": 5, "phiedge.serve": 5, "phiedge.release": 6,
+    "phiedge.demo": 6, "phiedge.cli": 7,
 }
 # What measuring or checking a bundle must not load: the toolchain that made it.
 PIPELINE = ("phiedge.checkpoints", "phiedge.quantize", "phiedge.checks", "phiedge.build", "phiedge.release",

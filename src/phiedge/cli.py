@@ -36,6 +36,7 @@ from phiedge.progress import Progress
 from phiedge.release import index as release_index
 from phiedge.release import release
 from phiedge.schema import Int4Settings, Target, choices
+from phiedge.serve.server import serve, served
 
 
 def _terminated(signum, frame):
@@ -354,6 +355,27 @@ def run_command(path, generate_args, trust):
         root = bundle.folder.path
         check_model_folder(root)
         sys.exit(generate_main([str(root), *generate_args]))
+
+
+@cli.command("serve")
+@click.argument("path", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", default=None, envvar="PHIEDGE_API_KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/ (also read from PHIEDGE_API_KEY).")
+@click.option("--max-queue", default=16, show_default=True,
+              help="Requests queued or running at once; more get 429 with Retry-After.")
+@click.option("--model-name", default=None, help="The model name clients send (default: the build's source name).")
+@click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
+def serve_command(path, host, port, api_key, max_queue, model_name, trust):
+    """Serve a bundle or built model folder with the OpenAI API (chat completions, completions, models)."""
+    key = load_public(trust) if trust else None
+    with opened(path) as bundle:
+        if bundle.is_bundle or key:
+            verify_dir(bundle, load=False, trust=key)
+        model = served(bundle.folder.path, model_name, api_key, max_queue)
+        click.echo(f"serving {model.name} on http://{host}:{port}/v1", err=True)
+        serve(model, host, port)
 
 
 def int_list(ctx, param, value: str) -> list[int]:

@@ -100,6 +100,8 @@ class Variant(Strict):
     buildable: bool
     reason: str | None = Field(None, description="why phiedge cannot build it yet")
     chat_format: str | None = Field(None, description="name of a file in variants/chat_formats")
+    thinks: bool = Field(False, description="answers after reasoning inside <think>...</think> (phiedge serve "
+                                            "returns that part as reasoning_content)")
     config: dict[str, Any] = Field(default_factory=dict, description="published config.json values")
 
     @model_validator(mode="after")

@@ -1,0 +1,283 @@
+"""`phiedge serve`: the OpenAI API over one loaded model (FastAPI), for clients, agents and editors unchanged.
+
+Routes: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions, each streamed as server-sent
+events with `stream: true`. Errors have OpenAI's shape and never carry a traceback: 400 for a request the model
+cannot answer as asked (a prompt over the context cap, tools for a format without them, n above 1), 401 for a
+missing or wrong API key, 404 for another model's name, 429 with Retry-After when the queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from phiedge.serve.chat import TOOL_CALL, TOOL_CALL_END, Format, RequestError, Splitter, template_messages
+from phiedge.serve.engine import Busy, Engine, Job
+from phiedge.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    Reply,
+    Sampling,
+    Usage,
+    error_body,
+    now,
+    response_id,
+)
+
+
+@dataclass(frozen=True)
+class Served:
+    engine: Engine
+    name: str  # the model name clients ask for
+    fmt: Format
+    api_key: str | None = None
+
+
+def error(status: int, message: str, kind: str, code: str | None = None, headers: dict | None = None):
+    return JSONResponse(error_body(message, kind, code), status_code=status, headers=headers)
+
+
+def guidance_of(request: ChatRequest, engine: Engine) -> tuple[str, str] | None:
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if not engine.guidance:
+        raise RequestError("response_format needs constrained decoding, which this onnxruntime-genai build lacks")
+    if fmt.type == "json_object":
+        return "json_schema", json.dumps({"type": "object"})
+    if fmt.json_schema is None or not fmt.json_schema.schema_:
+        raise RequestError("response_format json_schema needs json_schema.schema")
+    return "json_schema", json.dumps(fmt.json_schema.schema_)
+
+
+async def parse(request: Request, model: type[BaseModel]):
+    """The JSON body as `model`, whatever Content-Type the client sent (curl -d sends a form type)."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        raise RequestError("the body is not valid JSON") from None
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RequestError(f"{where + ': ' if where else ''}{first['msg']}") from None
+
+
+def check_sampling(request: Sampling, served: Served) -> None:
+    if request.model != served.name:
+        raise LookupError(f"model {request.model!r} is not served here (this server has {served.name!r})")
+    if request.n != 1:
+        raise RequestError(f"n={request.n}: one choice per request is served")
+    if request.logprobs:
+        raise RequestError("logprobs are not served")
+
+
+async def generation(served: Served, prompt_ids: list[int], request: Sampling, max_tokens: int | None,
+                     guidance: tuple[str, str] | None) -> AsyncIterator[tuple[str, str] | Reply]:
+    """(kind, text) events as the model writes them, then the Reply."""
+    engine, cap = served.engine, served.engine.max_length
+    if len(prompt_ids) >= cap:
+        raise RequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
+                           "(prompt and reply together): shorten the prompt")
+    room = cap - len(prompt_ids)
+    job = Job(prompt_ids, min(max_tokens or room, room), request.temperature, request.top_p, request.seed, guidance,
+              loop=asyncio.get_running_loop())
+    engine.submit(job)
+    decoder, splitter = engine.tokenizer.create_stream(), Splitter(request.stops(), served.fmt)
+    finish, count = "length", 0
+    async with contextlib.aclosing(engine.tokens(job)) as tokens:
+        async for token in tokens:
+            if token in engine.eos:
+                finish = "stop"
+                break
+            count += 1
+            for event in splitter.feed(decoder.decode(token)):
+                yield event
+            if splitter.stopped:
+                finish = "stop"
+                break
+    for event in splitter.finish():
+        yield event
+    try:
+        calls = splitter.tool_calls()
+    except RequestError:  # not a call a client could make: the text goes back as the model wrote it
+        calls = []
+        yield "content", "".join(f"{TOOL_CALL}{text}{TOOL_CALL_END}" for text in splitter.calls)
+    yield Reply(content="", tool_calls=calls or None, finish_reason="tool_calls" if calls else finish,
+                usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=count,
+                            total_tokens=len(prompt_ids) + count))
+
+
+async def collect(events: AsyncIterator) -> Reply:
+    parts: dict[str, list[str]] = {"content": [], "reasoning": []}
+    async for event in events:
+        if isinstance(event, Reply):
+            return event.model_copy(update={"content": "".join(parts["content"]),
+                                            "reasoning": "".join(parts["reasoning"]) or None})
+        parts[event[0]].append(event[1])
+    raise RuntimeError("the generation ended without a reply")
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def chat_message(reply: Reply) -> dict:
+    message = {"role": "assistant", "content": reply.content or (None if reply.tool_calls else "")}
+    if reply.reasoning:
+        message["reasoning_content"] = reply.reasoning
+    if reply.tool_calls:
+        message["tool_calls"] = [c.model_dump() for c in reply.tool_calls]
+    return message
+
+
+def create_app(served: Served) -> FastAPI:
+    app = FastAPI(title="phiedge serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def authorize(request: Request, call_next):
+        if served.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
+                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
+                             "invalid_api_key")
+        return await call_next(request)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        return error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def failure(exc: Exception) -> JSONResponse:
+        if isinstance(exc, RequestError):
+            return error(400, str(exc), "invalid_request_error")
+        if isinstance(exc, LookupError):
+            return error(404, str(exc), "invalid_request_error", "model_not_found")
+        if isinstance(exc, Busy):
+            return error(429, f"busy: {exc}", "rate_limit_error", headers={"Retry-After": "1"})
+        raise exc
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "queued": served.engine.waiting}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": now(),
+                                            "owned_by": "phiedge"}]}
+
+    async def answer(request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape):
+        """The non-streamed response, or the stream; errors before the first token are plain responses."""
+        events = generation(served, prompt_ids, request, max_tokens, guidance)
+        if not request.stream:
+            return shape(await collect(events))
+        first = await anext(events)  # the queue and the context cap answer before any byte is streamed
+        return StreamingResponse(shape.stream(first, events), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions")
+    async def chat(http: Request):
+        try:
+            request = await parse(http, ChatRequest)
+            check_sampling(request, served)
+            if not request.messages:
+                raise RequestError("messages is empty")
+            if request.tool_choice not in (None, "auto", "none"):
+                raise RequestError("tool_choice other than 'auto' or 'none' is not served")
+            tools = None if request.tool_choice == "none" else request.tools
+            prompt = served.engine.render(template_messages(request.messages, tools, served.fmt))
+            return await answer(request, served.engine.encode(prompt),
+                                request.max_completion_tokens or request.max_tokens,
+                                guidance_of(request, served.engine), ChatShape(served.name))
+        except (RequestError, LookupError, Busy) as exc:
+            return failure(exc)
+
+    @app.post("/v1/completions")
+    async def completions(http: Request):
+        try:
+            request = await parse(http, CompletionRequest)
+            check_sampling(request, served)
+            prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+            if len(prompts) != 1:
+                raise RequestError("one prompt per request is served")
+            return await answer(request, served.engine.encode(prompts[0]), request.max_tokens, None,
+                                CompletionShape(served.name, prompts[0] if request.echo else ""))
+        except (RequestError, LookupError, Busy) as exc:
+            return failure(exc)
+
+    return app
+
+
+@dataclass
+class ChatShape:
+    model: str
+
+    def __post_init__(self):
+        self.id, self.created = response_id("chatcmpl"), now()
+
+    def head(self) -> dict:
+        return {"id": self.id, "created": self.created, "model": self.model}
+
+    def __call__(self, reply: Reply) -> dict:
+        return {**self.head(), "object": "chat.completion", "usage": reply.usage.model_dump(),
+                "choices": [{"index": 0, "message": chat_message(reply), "finish_reason": reply.finish_reason}]}
+
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {**self.head(), "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    async def stream(self, first, events: AsyncIterator) -> AsyncIterator[str]:
+        yield sse(self.chunk({"role": "assistant", "content": ""}))
+        async with contextlib.aclosing(events):
+            event = first
+            while True:
+                if isinstance(event, Reply):
+                    if event.tool_calls:
+                        yield sse(self.chunk({"tool_calls": [{"index": i, **c.model_dump()}
+                                                             for i, c in enumerate(event.tool_calls)]}))
+                    yield sse({**self.chunk({}, event.finish_reason), "usage": event.usage.model_dump()})
+                    break
+                kind, text = event
+                yield sse(self.chunk({"reasoning_content" if kind == "reasoning" else "content": text}))
+                event = await anext(events)
+        yield sse("[DONE]")
+
+
+@dataclass
+class CompletionShape:
+    model: str
+    echo: str = ""
+
+    def __post_init__(self):
+        self.id, self.created = response_id("cmpl"), now()
+
+    def body(self, text: str, finish: str | None, usage: Usage | None = None) -> dict:
+        out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+        return {**out, "usage": usage.model_dump()} if usage else out
+
+    def __call__(self, reply: Reply) -> dict:
+        return self.body(self.echo + reply.content, reply.finish_reason, reply.usage)
+
+    async def stream(self, first, events: AsyncIterator) -> AsyncIterator[str]:
+        async with contextlib.aclosing(events):
+            if self.echo:
+                yield sse(self.body(self.echo, None))
+            event = first
+            while not isinstance(event, Reply):
+                yield sse(self.body(event[1], None))
+                event = await anext(events)
+            yield sse(self.body("", event.finish_reason, event.usage))
+        yield sse("[DONE]")

@@ -1,0 +1,161 @@
+"""From OpenAI messages to the model's prompt, and from the model's text back to content, reasoning and tool calls.
+
+The prompt is the model's own chat template, from the bundle's tokenizer files (onnxruntime-genai renders it, as
+the bundled generate.py does). What a format can do comes from the catalog (variants/chat_formats): tools where
+its special tokens have Phi-4-mini's `<|tool_call|>`, whose template puts the tool list in the system turn
+between `<|tool|>` and `<|/tool|>` and whose model answers `<|tool_call|>[{"name": ..., "arguments": {...}}]
+<|/tool_call|>`; tool results go back as `<|tool_response|>` turns (the template writes a message's role as
+`<|role|>`). Reasoning where the variant thinks aloud (`thinks` in variants/*.yaml): the text between `<think>`
+and `</think>` is the reply's reasoning_content.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from phiedge import catalog
+from phiedge.serve.protocol import CalledFunction, Message, Tool, ToolCall
+
+TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
+THINK, THINK_END = "<think>", "</think>"
+TOOL_ROLE = "tool_response"  # the Phi-4-mini turn a tool's result goes back in
+
+
+class RequestError(ValueError):
+    """A request the model cannot answer as asked: a 400 with this message."""
+
+
+@dataclass(frozen=True)
+class Format:
+    tools: bool = False
+    thinks: bool = False
+
+    @staticmethod
+    def of(variant: str | None) -> Format:
+        if variant is None:
+            return Format()
+        v = catalog.find_variant(variant)
+        fmt = catalog.chat_formats()[v.chat_format] if v.chat_format else None
+        return Format(tools=bool(fmt and TOOL_CALL in fmt.special_tokens), thinks=v.thinks)
+
+
+def template_messages(messages: list[Message], tools: list[Tool] | None, fmt: Format) -> list[dict]:
+    """The messages as the chat template reads them: text content, tool calls written out, the tool list on the
+    system turn."""
+    if tools and not fmt.tools:
+        raise RequestError("this model's chat format has no tool calls: leave out 'tools'")
+    out = []
+    for m in messages:
+        role = {"developer": "system", "tool": TOOL_ROLE}.get(m.role, m.role)
+        if m.role == "tool" and not fmt.tools:
+            raise RequestError("this model's chat format has no tool turns: 'tool' messages cannot be sent")
+        text = m.text()
+        if m.tool_calls:
+            calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
+                     for c in m.tool_calls]
+            text += f"{TOOL_CALL}{json.dumps(calls)}{TOOL_CALL_END}"
+        out.append({"role": role, "content": text})
+    if tools:
+        listed = json.dumps([t.function.model_dump(exclude_none=True) for t in tools])
+        if not out or out[0]["role"] != "system":
+            out.insert(0, {"role": "system", "content": ""})
+        out[0]["tools"] = listed
+    return out
+
+
+def parse_tool_calls(text: str) -> list[ToolCall]:
+    """The calls in the text of one `<|tool_call|>...<|/tool_call|>`: a JSON list of {name, arguments}, or one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        raise RequestError(f"the model's tool call is not JSON: {text[:200]!r}") from None
+    calls = data if isinstance(data, list) else [data]
+    out = []
+    for call in calls:
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            raise RequestError(f"the model's tool call names no function: {text[:200]!r}")
+        arguments = call.get("arguments", call.get("parameters", {}))
+        out.append(ToolCall(function=CalledFunction(
+            name=call["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))))
+    return out
+
+
+@dataclass
+class Splitter:
+    """Routes the model's text, piece by piece, to content, reasoning or a tool call, and sees the stop strings.
+
+    A piece is held back while its end could still be the start of a marker, so that no marker's first characters
+    reach the client as content."""
+
+    stops: list[str]
+    fmt: Format
+    in_reasoning: bool = False
+    in_tool: bool = False
+    stopped: bool = False
+    pending: str = ""
+    tool_text: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+
+    def markers(self) -> list[str]:
+        if self.in_tool:
+            return [TOOL_CALL_END]
+        found = list(self.stops)
+        if self.fmt.tools:
+            found.append(TOOL_CALL)
+        if self.fmt.thinks:
+            found.append(THINK_END if self.in_reasoning else THINK)
+        return found
+
+    def feed(self, piece: str) -> list[tuple[str, str]]:
+        """(kind, text) events: kind is "content" or "reasoning"; tool calls are collected in `calls`."""
+        self.pending += piece
+        events: list[tuple[str, str]] = []
+        while self.pending and not self.stopped:
+            hits = [(self.pending.find(m), m) for m in self.markers() if m in self.pending]
+            if not hits:
+                keep = max((k for m in self.markers() for k in range(1, len(m)) if self.pending.endswith(m[:k])),
+                           default=0)
+                self.emit(self.pending[:len(self.pending) - keep], events)
+                self.pending = self.pending[len(self.pending) - keep:]
+                break
+            at, marker = min(hits)
+            self.emit(self.pending[:at], events)
+            self.pending = self.pending[at + len(marker):]
+            self.switch(marker)
+        return events
+
+    def emit(self, text: str, events: list[tuple[str, str]]) -> None:
+        if not text:
+            return
+        if self.in_tool:
+            self.tool_text.append(text)
+        else:
+            events.append(("reasoning" if self.in_reasoning else "content", text))
+
+    def switch(self, marker: str) -> None:
+        if marker == TOOL_CALL:
+            self.in_tool, self.tool_text = True, []
+        elif marker == TOOL_CALL_END:
+            self.in_tool = False
+            self.calls.append("".join(self.tool_text))
+        elif marker == THINK:
+            self.in_reasoning = True
+        elif marker == THINK_END:
+            self.in_reasoning = False
+        else:  # a stop string
+            self.stopped = True
+
+    def finish(self) -> list[tuple[str, str]]:
+        """What was held back, at the end of generation (an unclosed tool call counts as one)."""
+        events: list[tuple[str, str]] = []
+        if not self.stopped:
+            self.emit(self.pending, events)
+        self.pending = ""
+        if self.in_tool:
+            self.in_tool = False
+            self.calls.append("".join(self.tool_text))
+        return events
+
+    def tool_calls(self) -> list[ToolCall]:
+        return [call for text in self.calls for call in parse_tool_calls(text.strip())]

@@ -1,0 +1,120 @@
+"""One loaded model and the one generation it runs at a time, for `phiedge serve`.
+
+A worker thread owns the model. Requests wait in a bounded queue (Busy when it is full, the server's 429) and
+are generated in order, each token handed to the request's asyncio queue as it comes, so a streamed reply
+goes out token by token. A request that is cancelled (its client went away) stops at its next token. The loop
+is the bundled generate.py's: prefill the prompt, then one token per step until an end token or the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phiedge.bundle.model_safety import load
+
+DONE = object()  # the end of a job's tokens
+
+
+class Busy(RuntimeError):
+    """The queue is full."""
+
+
+@dataclass
+class Job:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    guidance: tuple[str, str] | None  # (kind, data) for onnxruntime-genai's constrained decoding
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Engine:
+    def __init__(self, model_dir: Path, max_queue: int = 16):
+        self.model, self.tokenizer = load(model_dir)
+        config = json.loads((Path(model_dir) / "genai_config.json").read_text())
+        self.max_length = int(config["search"]["max_length"])
+        self.eos = {int(i) for i in self.tokenizer.eos_token_ids}
+        self.guidance = self.probe_guidance()
+        self.max_queue = max_queue
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.waiting = 0  # jobs queued or running
+        self.lock = threading.Lock()
+        self.worker = threading.Thread(target=self.work, name="phiedge-serve-model", daemon=True)
+        self.worker.start()
+
+    def probe_guidance(self) -> bool:
+        """Whether this onnxruntime-genai build constrains decoding (llguidance): builds without it refuse."""
+        import onnxruntime_genai as og
+
+        try:
+            og.GeneratorParams(self.model).set_guidance("json_schema", json.dumps({"type": "object"}))
+        except Exception:  # onnxruntime-genai raises a plain RuntimeError
+            return False
+        return True
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.tokenizer.encode(text)]
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise Busy(f"{self.waiting} requests are queued or running (--max-queue {self.max_queue})")
+            self.waiting += 1
+        self.jobs.put(job)
+
+    async def tokens(self, job: Job) -> AsyncIterator[int]:
+        """The job's tokens as they are generated; cancelling the iteration cancels the job."""
+        try:
+            while (token := await job.out.get()) is not DONE:
+                if isinstance(token, BaseException):
+                    raise token
+                yield token
+        finally:
+            job.cancelled.set()
+
+    def work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                if not job.cancelled.is_set():
+                    self.generate(job)
+            except Exception as exc:  # handed to the request, which answers 500 without a traceback
+                job.loop.call_soon_threadsafe(job.out.put_nowait, exc)
+            finally:
+                with self.lock:
+                    self.waiting -= 1
+                job.loop.call_soon_threadsafe(job.out.put_nowait, DONE)
+
+    def generate(self, job: Job) -> None:
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        options = {"max_length": len(job.prompt_ids) + job.max_new_tokens, "do_sample": job.temperature > 0}
+        if job.temperature > 0:
+            options.update(temperature=job.temperature, top_p=job.top_p)
+        if job.seed is not None:
+            options["random_seed"] = job.seed
+        params.set_search_options(**options)
+        if job.guidance:
+            params.set_guidance(*job.guidance)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(job.prompt_ids)
+        while not generator.is_done() and not job.cancelled.is_set():
+            generator.generate_next_token()
+            job.loop.call_soon_threadsafe(job.out.put_nowait, int(generator.get_next_tokens()[0]))
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.worker.join(timeout=30)

@@ -1,0 +1,234 @@
+"""`phiedge serve` as a client sees it: the real server in its own process on a free loopback port, the official
+`openai` package unchanged as the client, and the text routing (tool calls, reasoning) on recorded model output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from phiedge.serve.chat import Format, RequestError, Splitter, template_messages
+from phiedge.serve.protocol import Message, Tool
+
+KEY = "sk-test-key"
+NAME = "phi-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kb(pid: int) -> int:
+    return int(next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS")).split()[1])
+
+
+@pytest.fixture(scope="module")
+def server(builds, tmp_path_factory):
+    """`phiedge serve` on the int4 Phi-4-mini-shaped build, with an API key and a queue of 4."""
+    model = builds("phi-4-mini", "int4")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", "from phiedge.cli import cli; cli()", "serve", str(model),
+                                 "--port", str(port), "--max-queue", "4", "--model-name", NAME],
+                                env={**os.environ, "PHIEDGE_API_KEY": KEY}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, log.read_text()
+        time.sleep(0.1)
+    yield {"url": url, "proc": proc, "model": model}
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+
+
+def client(server, **kwargs) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server['url']}/v1", api_key=kwargs.pop("api_key", KEY), max_retries=0,
+                         **kwargs)
+
+
+def prompt_tokens(model_dir: Path, messages: list[dict]) -> int:
+    from phiedge.bundle.model_safety import load
+
+    _, tokenizer = load(model_dir)
+    return len(tokenizer.encode(tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)))
+
+
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def main():"}]
+
+
+def test_chat_completion_streamed_and_not_and_its_usage(server):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [NAME]
+    reply = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0)
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("length", "stop") and reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == prompt_tokens(server["model"], MESSAGES)
+    assert reply.usage.completion_tokens == (12 if reply.choices[0].finish_reason == "length" else
+                                             reply.usage.completion_tokens) and reply.usage.completion_tokens > 0
+    chunks = list(c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    again = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=12, temperature=0)
+    assert again.choices[0].message.content == text  # greedy: the same every time
+    done = c.completions.create(model=NAME, prompt="def main():", max_tokens=6, temperature=0)
+    assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
+    streamed = list(c.completions.create(model=NAME, prompt="def main():", max_tokens=6, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in streamed) == done.choices[0].text
+    stopped = c.completions.create(model=NAME, prompt="def main():", max_tokens=6, temperature=0,
+                                   stop=[done.choices[0].text[2:4]])
+    assert stopped.choices[0].finish_reason == "stop" and len(stopped.choices[0].text) <= 2
+
+
+def test_json_output_is_constrained(server):
+    reply = client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=16, temperature=0,
+                                                   response_format={"type": "json_object"})
+    assert reply.choices[0].message.content.lstrip().startswith("{")
+
+
+def test_bad_requests_get_their_status_and_openais_error_shape(server):
+    url, c = server["url"], client(server)
+    raw = httpx.post(f"{url}/v1/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    assert raw.status_code == 400 and raw.json()["error"]["message"] == "the body is not valid JSON"
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        c.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError, match="messages is empty"):
+        c.chat.completions.create(model=NAME, messages=[])
+    with pytest.raises(openai.BadRequestError, match=r"the prompt is \d+ tokens and this model's context cap is"):
+        c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "word " * 20000}])
+    with pytest.raises(openai.BadRequestError, match="n=2"):
+        c.chat.completions.create(model=NAME, messages=MESSAGES, n=2)
+    with pytest.raises(openai.AuthenticationError, match="wrong API key"):
+        client(server, api_key="sk-wrong").models.list()
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200  # the health check needs no key
+
+
+def test_a_client_that_goes_away_mid_stream_stops_its_generation(server):
+    """3000 tokens take this model over 10 s here (500 in 1.85 s); a client gone after the first chunk frees the
+    model at the next token."""
+    url = server["url"]
+    body = {"model": NAME, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    gone = time.perf_counter()
+    while httpx.get(f"{url}/health").json()["queued"] and time.perf_counter() - gone < 10:
+        time.sleep(0.05)
+    assert time.perf_counter() - gone < 2.0
+    assert client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2).usage
+
+
+def test_sixteen_clients_at_once_complete_or_are_told_to_wait(server):
+    c, pid = client(server, timeout=120), server["proc"].pid
+    client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4)  # warm
+    before = rss_kb(pid)
+    outcomes, lock = [], threading.Lock()
+
+    def one_client(i: int) -> None:
+        for _ in range(8):
+            try:
+                reply = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=4, temperature=0.7, seed=i)
+                result = reply.choices[0].finish_reason
+            except openai.RateLimitError as exc:
+                assert exc.response.headers["retry-after"] == "1"
+                result = 429
+            with lock:
+                outcomes.append(result)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one_client, range(16)))
+    assert time.perf_counter() - start < 300
+    assert len(outcomes) == 128 and set(outcomes) <= {"length", "stop", 429}
+    assert 429 in outcomes and "length" in outcomes  # a queue of 4 turns some away, and serves others
+    assert rss_kb(pid) < before * 1.25 + 50_000
+    assert client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2).usage
+
+
+# --- the text routing, on recorded output (random weights would not write a tool call) --------------------------
+
+TOOLS = [Tool.model_validate({"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}})]
+RECORDED = 'Let me check.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|>'
+
+
+def pieces(text: str, cuts: list[int]) -> list[str]:
+    at = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
+    return [text[a:b] for a, b in zip(at, at[1:])]
+
+
+def route(text: str, cuts: list[int], fmt: Format, stops=()) -> tuple[dict, Splitter]:
+    splitter, got = Splitter(list(stops), fmt), {"content": "", "reasoning": ""}
+    for piece in pieces(text, cuts):
+        for kind, t in splitter.feed(piece):
+            got[kind] += t
+        if splitter.stopped:
+            break
+    for kind, t in splitter.finish():
+        got[kind] += t
+    return got, splitter
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=12))
+def test_a_tool_call_is_parsed_however_the_text_arrives(cuts):
+    got, splitter = route(RECORDED, cuts, Format(tools=True))
+    assert got == {"content": "Let me check.", "reasoning": ""}
+    [call] = splitter.tool_calls()
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 200), max_size=12))
+def test_reasoning_is_split_from_the_answer_however_the_text_arrives(cuts):
+    text = "<think>2 and 2 make 4.</think>The answer is 4. STOP and more"
+    got, _ = route(text, cuts, Format(thinks=True), stops=["STOP"])
+    assert got == {"reasoning": "2 and 2 make 4.", "content": "The answer is 4. "}
+    plain, _ = route(text, cuts, Format())  # a model that does not think keeps the tags as text
+    assert plain["content"] == text and not plain["reasoning"]
+
+
+def test_tools_are_rendered_into_phi_4_minis_format_and_refused_elsewhere(server):
+    from phiedge.bundle.model_safety import load
+
+    _, tokenizer = load(server["model"])
+    history = [Message(role="user", content="Weather in Paris?"),
+               Message.model_validate({"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}),
+               Message(role="tool", content='{"temp": 21}', tool_call_id="call_1")]
+    rendered = tokenizer.apply_chat_template(json.dumps(template_messages(history, TOOLS, Format(tools=True))),
+                                             add_generation_prompt=True)
+    assert rendered.startswith('<|system|><|tool|>[{"name": "get_weather", "description": "Weather of a city"')
+    assert '<|assistant|><|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|><|end|>' \
+        in rendered
+    assert rendered.endswith('<|tool_response|>{"temp": 21}<|end|><|assistant|>')
+    with pytest.raises(RequestError, match="has no tool calls"):
+        template_messages(history, TOOLS, Format())
+    from phiedge.serve.chat import parse_tool_calls
+
+    with pytest.raises(RequestError, match="not JSON"):  # then the server answers with the text as written
+        parse_tool_calls("[{name: oops")
