@@ -20,7 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from phiedge.serve.chat import Format, RequestError, Splitter, template_messages
+from phiedge.errors import ServeRequestError
+from phiedge.serve.chat import Format, Splitter, template_messages
 from phiedge.serve.protocol import Message, Tool
 
 KEY = "sk-test-key"
@@ -226,9 +227,9 @@ def test_tools_are_rendered_into_phi_4_minis_format_and_refused_elsewhere(server
     assert '<|assistant|><|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}]<|/tool_call|><|end|>' \
         in rendered
     assert rendered.endswith('<|tool_response|>{"temp": 21}<|end|><|assistant|>')
-    with pytest.raises(RequestError, match="has no tool calls"):
+    with pytest.raises(ServeRequestError, match="has no tool calls"):
         template_messages(history, TOOLS, Format())
     from phiedge.serve.chat import parse_tool_calls
 
-    with pytest.raises(RequestError, match="not JSON"):  # then the server answers with the text as written
+    with pytest.raises(ServeRequestError, match="not JSON"):  # then the server answers with the text as written
         parse_tool_calls("[{name: oops")

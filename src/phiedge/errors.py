@@ -77,3 +77,11 @@ class OutputError(PhiedgeError):
 class Terminated(KeyboardInterrupt):
     """SIGTERM (`kill`, a scheduler's timeout) taken as Ctrl-C: the same cleanup runs (partial outputs
     removed, the Olive child stopped) instead of the process vanishing mid-write."""
+
+
+class ServeRequestError(PhiedgeError):
+    """`phiedge serve`: a request the model cannot answer as asked (the client gets a 400 with this message)."""
+
+
+class ServerBusy(PhiedgeError):
+    """`phiedge serve`: the queue is full (the client gets a 429 with Retry-After)."""

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
-from phiedge.serve.chat import TOOL_CALL, TOOL_CALL_END, Format, RequestError, Splitter, template_messages
-from phiedge.serve.engine import Busy, Engine, Job
+from phiedge.errors import ServerBusy, ServeRequestError
+from phiedge.serve.chat import TOOL_CALL, TOOL_CALL_END, Format, Splitter, template_messages
+from phiedge.serve.engine import Engine, Job
 from phiedge.serve.protocol import (
     ChatRequest,
     CompletionRequest,
@@ -51,11 +52,11 @@ def guidance_of(request: ChatRequest, engine: Engine) -> tuple[str, str] | None:
     if fmt is None or fmt.type == "text":
         return None
     if not engine.guidance:
-        raise RequestError("response_format needs constrained decoding, which this onnxruntime-genai build lacks")
+        raise ServeRequestError("response_format needs constrained decoding, which this onnxruntime-genai build lacks")
     if fmt.type == "json_object":
         return "json_schema", json.dumps({"type": "object"})
     if fmt.json_schema is None or not fmt.json_schema.schema_:
-        raise RequestError("response_format json_schema needs json_schema.schema")
+        raise ServeRequestError("response_format json_schema needs json_schema.schema")
     return "json_schema", json.dumps(fmt.json_schema.schema_)
 
 
@@ -64,22 +65,22 @@ async def parse(request: Request, model: type[BaseModel]):
     try:
         body = json.loads(await request.body())
     except ValueError:
-        raise RequestError("the body is not valid JSON") from None
+        raise ServeRequestError("the body is not valid JSON") from None
     try:
         return model.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise RequestError(f"{where + ': ' if where else ''}{first['msg']}") from None
+        raise ServeRequestError(f"{where + ': ' if where else ''}{first['msg']}") from None
 
 
 def check_sampling(request: Sampling, served: Served) -> None:
     if request.model != served.name:
         raise LookupError(f"model {request.model!r} is not served here (this server has {served.name!r})")
     if request.n != 1:
-        raise RequestError(f"n={request.n}: one choice per request is served")
+        raise ServeRequestError(f"n={request.n}: one choice per request is served")
     if request.logprobs:
-        raise RequestError("logprobs are not served")
+        raise ServeRequestError("logprobs are not served")
 
 
 async def generation(served: Served, prompt_ids: list[int], request: Sampling, max_tokens: int | None,
@@ -87,7 +88,7 @@ async def generation(served: Served, prompt_ids: list[int], request: Sampling, m
     """(kind, text) events as the model writes them, then the Reply."""
     engine, cap = served.engine, served.engine.max_length
     if len(prompt_ids) >= cap:
-        raise RequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
+        raise ServeRequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
                            "(prompt and reply together): shorten the prompt")
     room = cap - len(prompt_ids)
     job = Job(prompt_ids, min(max_tokens or room, room), request.temperature, request.top_p, request.seed, guidance,
@@ -110,7 +111,7 @@ async def generation(served: Served, prompt_ids: list[int], request: Sampling, m
         yield event
     try:
         calls = splitter.tool_calls()
-    except RequestError:  # not a call a client could make: the text goes back as the model wrote it
+    except ServeRequestError:  # not a call a client could make: the text goes back as the model wrote it
         calls = []
         yield "content", "".join(f"{TOOL_CALL}{text}{TOOL_CALL_END}" for text in splitter.calls)
     yield Reply(content="", tool_calls=calls or None, finish_reason="tool_calls" if calls else finish,
@@ -162,11 +163,11 @@ def create_app(served: Served) -> FastAPI:
         return error(500, f"internal error: {type(exc).__name__}", "server_error")
 
     def failure(exc: Exception) -> JSONResponse:
-        if isinstance(exc, RequestError):
+        if isinstance(exc, ServeRequestError):
             return error(400, str(exc), "invalid_request_error")
         if isinstance(exc, LookupError):
             return error(404, str(exc), "invalid_request_error", "model_not_found")
-        if isinstance(exc, Busy):
+        if isinstance(exc, ServerBusy):
             return error(429, f"busy: {exc}", "rate_limit_error", headers={"Retry-After": "1"})
         raise exc
 
@@ -193,15 +194,15 @@ def create_app(served: Served) -> FastAPI:
             request = await parse(http, ChatRequest)
             check_sampling(request, served)
             if not request.messages:
-                raise RequestError("messages is empty")
+                raise ServeRequestError("messages is empty")
             if request.tool_choice not in (None, "auto", "none"):
-                raise RequestError("tool_choice other than 'auto' or 'none' is not served")
+                raise ServeRequestError("tool_choice other than 'auto' or 'none' is not served")
             tools = None if request.tool_choice == "none" else request.tools
             prompt = served.engine.render(template_messages(request.messages, tools, served.fmt))
             return await answer(request, served.engine.encode(prompt),
                                 request.max_completion_tokens or request.max_tokens,
                                 guidance_of(request, served.engine), ChatShape(served.name))
-        except (RequestError, LookupError, Busy) as exc:
+        except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
     @app.post("/v1/completions")
@@ -211,10 +212,10 @@ def create_app(served: Served) -> FastAPI:
             check_sampling(request, served)
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if len(prompts) != 1:
-                raise RequestError("one prompt per request is served")
+                raise ServeRequestError("one prompt per request is served")
             return await answer(request, served.engine.encode(prompts[0]), request.max_tokens, None,
                                 CompletionShape(served.name, prompts[0] if request.echo else ""))
-        except (RequestError, LookupError, Busy) as exc:
+        except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
     return app

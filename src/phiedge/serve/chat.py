@@ -15,15 +15,12 @@ import json
 from dataclasses import dataclass, field
 
 from phiedge import catalog
+from phiedge.errors import ServeRequestError
 from phiedge.serve.protocol import CalledFunction, Message, Tool, ToolCall
 
 TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
 THINK, THINK_END = "<think>", "</think>"
 TOOL_ROLE = "tool_response"  # the Phi-4-mini turn a tool's result goes back in
-
-
-class RequestError(ValueError):
-    """A request the model cannot answer as asked: a 400 with this message."""
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,12 @@ def template_messages(messages: list[Message], tools: list[Tool] | None, fmt: Fo
     """The messages as the chat template reads them: text content, tool calls written out, the tool list on the
     system turn."""
     if tools and not fmt.tools:
-        raise RequestError("this model's chat format has no tool calls: leave out 'tools'")
+        raise ServeRequestError("this model's chat format has no tool calls: leave out 'tools'")
     out = []
     for m in messages:
         role = {"developer": "system", "tool": TOOL_ROLE}.get(m.role, m.role)
         if m.role == "tool" and not fmt.tools:
-            raise RequestError("this model's chat format has no tool turns: 'tool' messages cannot be sent")
+            raise ServeRequestError("this model's chat format has no tool turns: 'tool' messages cannot be sent")
         text = m.text()
         if m.tool_calls:
             calls = [{"name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}
@@ -69,12 +66,12 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     try:
         data = json.loads(text)
     except ValueError:
-        raise RequestError(f"the model's tool call is not JSON: {text[:200]!r}") from None
+        raise ServeRequestError(f"the model's tool call is not JSON: {text[:200]!r}") from None
     calls = data if isinstance(data, list) else [data]
     out = []
     for call in calls:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-            raise RequestError(f"the model's tool call names no function: {text[:200]!r}")
+            raise ServeRequestError(f"the model's tool call names no function: {text[:200]!r}")
         arguments = call.get("arguments", call.get("parameters", {}))
         out.append(ToolCall(function=CalledFunction(
             name=call["name"], arguments=arguments if isinstance(arguments, str) else json.dumps(arguments))))

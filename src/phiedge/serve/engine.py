@@ -1,6 +1,6 @@
 """One loaded model and the one generation it runs at a time, for `phiedge serve`.
 
-A worker thread owns the model. Requests wait in a bounded queue (Busy when it is full, the server's 429) and
+A worker thread owns the model. Requests wait in a bounded queue (ServerBusy when it is full, the server's 429) and
 are generated in order, each token handed to the request's asyncio queue as it comes, so a streamed reply
 goes out token by token. A request that is cancelled (its client went away) stops at its next token. The loop
 is the bundled generate.py's: prefill the prompt, then one token per step until an end token or the limit.
@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phiedge.bundle.model_safety import load
+from phiedge.errors import ServerBusy
 
 DONE = object()  # the end of a job's tokens
-
-
-class Busy(RuntimeError):
-    """The queue is full."""
 
 
 @dataclass
@@ -71,7 +68,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         with self.lock:
             if self.waiting >= self.max_queue:
-                raise Busy(f"{self.waiting} requests are queued or running (--max-queue {self.max_queue})")
+                raise ServerBusy(f"{self.waiting} requests are queued or running (--max-queue {self.max_queue})")
             self.waiting += 1
         self.jobs.put(job)
 
