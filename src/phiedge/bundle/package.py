@@ -110,6 +110,10 @@ The model folder is `{manifest['model_dir']}`.
 Check it is intact first: `phiedge verify` on this folder or archive (sizes, SHA-256, runtime version, load).
 {signed_line(signed_by)}
 
+To serve it with the OpenAI API (chat completions, streaming, tools, JSON output), with phiedge installed run
+`phiedge serve` on this folder or archive (`--port 8000`, `--api-key KEY`), and point any OpenAI client at
+`http://127.0.0.1:8000/v1`.
+
 - context cap (KV cache): {manifest['context_cap']} tokens
 - validation: {numbers}
 - minimum onnxruntime-genai: {manifest['min_runtime']['onnxruntime-genai']}
