@@ -101,6 +101,21 @@ def test_chat_completion_streamed_and_not_and_its_usage(server):
     assert stopped.choices[0].finish_reason == "stop" and len(stopped.choices[0].text) <= 2
 
 
+def test_a_tool_round_trip_is_accepted_by_the_server(server):
+    """The client's side of a tool round trip, through the real server: tools offered, the model's call in the
+    history, the tool's result sent back (the model's own call is parsed in the recorded-output tests below)."""
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    reply = client(server).chat.completions.create(model=NAME, messages=history, max_tokens=4, temperature=0,
+                                                   tools=[t.model_dump() for t in TOOLS])
+    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    rendered = template_messages([Message.model_validate(m) for m in history], TOOLS, Format(tools=True))
+    assert reply.usage.prompt_tokens == prompt_tokens(server["model"], rendered)
+
+
 def test_json_output_is_constrained(server):
     reply = client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=16, temperature=0,
                                                    response_format={"type": "json_object"})
