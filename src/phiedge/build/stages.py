@@ -138,8 +138,8 @@ def fix(b: Build) -> None:
     b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
     b.runtime["generation"] = genai_config.apply_generation(b.tmp, b.plan.checkpoint.path)
     conversion = tokenizer_files.apply(b.tmp, b.plan.checkpoint.path, b.plan.checkpoint.variant)
-    b.runtime["tokenizer"] = conversion and conversion.model_dump()
     if conversion:
+        b.runtime["tokenizer"] = conversion.model_dump()
         b.progress.step(f"tokenizer.json converted from vocab.json and merges.txt, split as {conversion.split_from}")
     b.folder.reload()
 
