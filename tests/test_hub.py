@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hubserver import Hub, Server
 
+from phiedge.build.plan import BuildOptions, plan
 from phiedge.bundle.package import package
 from phiedge.checkpoints import hub as hub_module
 
@@ -70,18 +71,14 @@ def test_a_catalog_name_is_fetched_by_its_hub_id_without_what_a_build_does_not_r
     assert hub_module.origin(out).commit == commit
 
 
-def test_a_build_of_a_fetched_folder_records_the_commit(served, tmp_path):
+def test_a_fetched_folder_names_its_commit_to_the_build(served, tmp_path):
+    """The origin a build records (its record and manifest: the hub-id build test below) is read from the folder."""
     hub, url, commit = served
     env, folder = environment(url, tmp_path / "hf"), tmp_path / "phi"
     assert phiedge(["fetch", REPO, "--revision", "v1", "-o", str(folder)], env).returncode == 0
-    built = phiedge(["build", "--model", str(folder), "--target", "cpu", "--precision", "fp32", "--no-validate", "-q",
-                     "-o", str(tmp_path / "out")], env)
-    assert built.returncode == 0, built.stderr
-    source = json.loads((tmp_path / "out" / "phiedge_build.json").read_text())["source"]
-    assert source["hub"] == {"repo_id": REPO, "revision": "v1", "commit": commit}
-    assert source["name"] == "Phi-4-mini-instruct"  # bundles are named after the repository
-    manifest = package(tmp_path / "out", tmp_path / "bundle.zip")
-    assert manifest["model"]["hub"]["commit"] == commit and manifest["name"].startswith("Phi-4-mini-instruct")
+    checkpoint = plan(folder, "cpu", BuildOptions(precision="fp32")).checkpoint
+    assert checkpoint.origin.model_dump() == {"repo_id": REPO, "revision": "v1", "commit": commit}
+    assert checkpoint.name == "Phi-4-mini-instruct"  # bundles are named after the repository
     offline = phiedge(["fetch", "microsoft/phi-2", "-o", str(tmp_path / "p2")], environment(url, tmp_path / "hf", True))
     assert "microsoft/phi-2 is not in the Hugging Face cache" in one_line_error(offline)
 
@@ -127,6 +124,8 @@ def test_build_takes_a_hub_id_into_the_cache_and_reuses_it_offline(served, tmp_p
     assert source["hub"] == {"repo_id": REPO, "revision": "v1", "commit": commit}
     assert source["name"] == "Phi-4-mini-instruct"
     assert (home / "hub" / "models--microsoft--Phi-4-mini-instruct" / "snapshots" / commit / "config.json").is_file()
+    manifest = package(tmp_path / "a", tmp_path / "bundle.zip")
+    assert manifest["model"]["hub"]["commit"] == commit and manifest["name"].startswith("Phi-4-mini-instruct")
     assert not any(name in path for _, path, _ in hub.log for name in NOT_FETCHED)
     served_before = len(hub.log)
     offline = environment(url, home, offline=True)
