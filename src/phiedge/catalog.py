@@ -125,6 +125,12 @@ def find_variant(name: str) -> Variant:
     return _lookup(table, name, "variant", aliases)
 
 
+def chat_format_of(variant: str | None) -> ChatFormat | None:
+    """The chat format of a catalog variant (by name), or None for no variant or one without a format."""
+    name = find_variant(variant).chat_format if variant else None
+    return chat_formats()[name] if name else None
+
+
 def find_target(name: str) -> Target:
     return _lookup(targets(), name, "target")
 

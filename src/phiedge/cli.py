@@ -234,8 +234,8 @@ def train_command(out, like, steps, seed, force):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
-def build_command(target_name, all_targets, model_dir, revision, out, precision, block_size, accuracy_level, symmetric,
-                  algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer,
+def build_command(target_name, all_targets, model_dir, revision, out, precision, block_size, accuracy_level,
+                  symmetric, algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer,
                   eight_bit, calibrate, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
                   no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
@@ -359,7 +359,8 @@ def run_command(path, generate_args, trust):
 
 @cli.command("serve")
 @click.argument("path", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8000, show_default=True, help="TCP port.")
 @click.option("--api-key", default=None, envvar="PHIEDGE_API_KEY",
               help="Require 'Authorization: Bearer KEY' on /v1/ (also read from PHIEDGE_API_KEY).")

@@ -32,8 +32,8 @@ def converted(checkpoint_dir: Path) -> bool:
 
 def split_pattern(variant: str | None) -> str | None:
     """The split regex of the published tokenizer of a catalog variant, where its chat format names one."""
-    fmt = catalog.find_variant(variant).chat_format if variant else None
-    return catalog.chat_formats()[fmt].split_pattern if fmt else None
+    fmt = catalog.chat_format_of(variant)
+    return fmt.split_pattern if fmt else None
 
 
 def pre_tokenizer(pattern: str):

@@ -52,4 +52,5 @@ def greedy_parity(built_dir: str | Path, reference_dir: str | Path, max_new_toke
                   prompts: tuple[str, ...] = PROMPTS) -> list[dict]:
     """greedy_metrics' rows for a built folder and a checkpoint folder."""
     model, _ = load(built_dir)
-    return greedy_metrics(model, load_reference(reference_dir), tokenizer_files.load(reference_dir), prompts, max_new_tokens)["prompts"]
+    tokenizer = tokenizer_files.load(reference_dir)
+    return greedy_metrics(model, load_reference(reference_dir), tokenizer, prompts, max_new_tokens)["prompts"]

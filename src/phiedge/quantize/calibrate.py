@@ -81,7 +81,8 @@ class Calibration:
 
         self.started = time.perf_counter()
         self.model_dir = Path(model_dir)
-        ids = calibration_ids(tokenizer_files.load(self.model_dir), tokens, Path(text_file) if text_file is not None else None)
+        text = Path(text_file) if text_file is not None else None
+        ids = calibration_ids(tokenizer_files.load(self.model_dir), tokens, text)
         self.config = AutoConfig.from_pretrained(str(self.model_dir), trust_remote_code=False)
         window = min(window, int(self.config.max_position_embeddings))
         if len(ids) < 2:

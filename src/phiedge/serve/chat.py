@@ -32,9 +32,8 @@ class Format:
     def of(variant: str | None) -> Format:
         if variant is None:
             return Format()
-        v = catalog.find_variant(variant)
-        fmt = catalog.chat_formats()[v.chat_format] if v.chat_format else None
-        return Format(tools=bool(fmt and TOOL_CALL in fmt.special_tokens), thinks=v.thinks)
+        fmt = catalog.chat_format_of(variant)
+        return Format(tools=bool(fmt and TOOL_CALL in fmt.special_tokens), thinks=catalog.find_variant(variant).thinks)
 
 
 def template_messages(messages: list[Message], tools: list[Tool] | None, fmt: Format) -> list[dict]:
