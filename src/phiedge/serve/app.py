@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phiedge.errors import ServerBusy, ServeRequestError
 from phiedge.serve.chat import TOOL_CALL, TOOL_CALL_END, Format, Splitter, template_messages
@@ -83,9 +84,18 @@ def check_sampling(request: Sampling, served: Served) -> None:
         raise ServeRequestError("logprobs are not served")
 
 
-async def generation(served: Served, prompt_ids: list[int], request: Sampling, max_tokens: int | None,
-                     guidance: tuple[str, str] | None) -> AsyncIterator[tuple[str, str] | Reply]:
-    """(kind, text) events as the model writes them, then the Reply."""
+async def watch(http: Request, job: Job) -> None:
+    """Cancels the job when its client goes away. Starlette's streamed response listens for that itself; a
+    non-streamed one reads nothing until the reply is written, so this task waits on the connection's next message
+    (http.disconnect) for both."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+
+
+async def generation(served: Served, http: Request, prompt_ids: list[int], request: Sampling,
+                     max_tokens: int | None, guidance: tuple[str, str] | None) -> AsyncIterator[tuple[str, str] | Reply]:
+    """(kind, text) events as the model writes them, then the Reply; a client gone stops the model."""
     engine, cap = served.engine, served.engine.max_length
     if len(prompt_ids) >= cap:
         raise ServeRequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
@@ -94,19 +104,23 @@ async def generation(served: Served, prompt_ids: list[int], request: Sampling, m
     job = Job(prompt_ids, min(max_tokens or room, room), request.temperature, request.top_p, request.seed, guidance,
               loop=asyncio.get_running_loop())
     engine.submit(job)
+    watcher = asyncio.create_task(watch(http, job))
     decoder, splitter = engine.tokenizer.create_stream(), Splitter(request.stops(), served.fmt)
     finish, count = "length", 0
-    async with contextlib.aclosing(engine.tokens(job)) as tokens:
-        async for token in tokens:
-            if token in engine.eos:
-                finish = "stop"
-                break
-            count += 1
-            for event in splitter.feed(decoder.decode(token)):
-                yield event
-            if splitter.stopped:
-                finish = "stop"
-                break
+    try:
+        async with contextlib.aclosing(engine.tokens(job)) as tokens:
+            async for token in tokens:
+                if token in engine.eos:
+                    finish = "stop"
+                    break
+                count += 1
+                for event in splitter.feed(decoder.decode(token)):
+                    yield event
+                if splitter.stopped:
+                    finish = "stop"
+                    break
+    finally:
+        watcher.cancel()
     for event in splitter.finish():
         yield event
     try:
@@ -145,14 +159,8 @@ def chat_message(reply: Reply) -> dict:
 def create_app(served: Served) -> FastAPI:
     app = FastAPI(title="phiedge serve", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.middleware("http")
-    async def authorize(request: Request, call_next):
-        if served.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "invalid_request_error",
-                             "invalid_api_key")
-        return await call_next(request)
+    if served.api_key:
+        app.add_middleware(Authorize, key=served.api_key)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -173,16 +181,17 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": served.name, "queued": served.engine.waiting}
+        return {"status": "ok", "model": served.name, "queued": served.engine.waiting,
+                "generated_tokens": served.engine.generated}
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": now(),
                                             "owned_by": "phiedge"}]}
 
-    async def answer(request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape):
+    async def answer(http: Request, request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape):
         """The non-streamed response, or the stream; errors before the first token are plain responses."""
-        events = generation(served, prompt_ids, request, max_tokens, guidance)
+        events = generation(served, http, prompt_ids, request, max_tokens, guidance)
         if not request.stream:
             return shape(await collect(events))
         first = await anext(events)  # the queue and the context cap answer before any byte is streamed
@@ -199,7 +208,7 @@ def create_app(served: Served) -> FastAPI:
                 raise ServeRequestError("tool_choice other than 'auto' or 'none' is not served")
             tools = None if request.tool_choice == "none" else request.tools
             prompt = served.engine.render(template_messages(request.messages, tools, served.fmt))
-            return await answer(request, served.engine.encode(prompt),
+            return await answer(http, request, served.engine.encode(prompt),
                                 request.max_completion_tokens or request.max_tokens,
                                 guidance_of(request, served.engine), ChatShape(served.name))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
@@ -213,12 +222,30 @@ def create_app(served: Served) -> FastAPI:
             prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
             if len(prompts) != 1:
                 raise ServeRequestError("one prompt per request is served")
-            return await answer(request, served.engine.encode(prompts[0]), request.max_tokens, None,
+            return await answer(http, request, served.engine.encode(prompts[0]), request.max_tokens, None,
                                 CompletionShape(served.name, prompts[0] if request.echo else ""))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
     return app
+
+
+@dataclass
+class Authorize:
+    """Requires `Authorization: Bearer KEY` on /v1/ routes. A plain ASGI middleware: Starlette's
+    BaseHTTPMiddleware wraps the connection's messages and would hide a client's disconnect from `watch`."""
+
+    app: ASGIApp
+    key: str
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, f"Bearer {self.key}".encode()):
+                response = error(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                                 "invalid_request_error", "invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 @dataclass

@@ -45,6 +45,7 @@ class Engine:
         self.max_queue = max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # jobs queued or running
+        self.generated = 0  # tokens generated since start, for /health
         self.lock = threading.Lock()
         self.worker = threading.Thread(target=self.work, name="phiedge-serve-model", daemon=True)
         self.worker.start()
@@ -110,6 +111,7 @@ class Engine:
         generator.append_tokens(job.prompt_ids)
         while not generator.is_done() and not job.cancelled.is_set():
             generator.generate_next_token()
+            self.generated += 1
             job.loop.call_soon_threadsafe(job.out.put_nowait, int(generator.get_next_tokens()[0]))
 
     def close(self) -> None:
