@@ -99,7 +99,7 @@ def test_digests_are_of_the_tensors_the_quantized_checkpoint_stores(checkpoints,
     assert sorted(digests) == quantized and len(quantized) == prequant.count_matrices(Path(ckpt), int4["embeddings"])
     for prefix in quantized:
         zeros = None if int4["symmetric"] else stored[f"{prefix}.qzeros"]
-        assert digests[prefix] == prequant.digest(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"], zeros)
+        assert digests[prefix] == quantizer.digest(stored[f"{prefix}.qweight"], stored[f"{prefix}.scales"], zeros)
     assert len(set(digests.values())) == len(digests)
 
 

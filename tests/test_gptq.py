@@ -117,8 +117,9 @@ def test_calibration_gives_each_layers_second_moments(checkpoints):
 
     ckpt = checkpoints["phi-4-mini"]
     run = calibrate.Calibration(ckpt, tokens=200, window=100)
-    layers = list(run.layers(full=True))
-    assert [i for i, _ in layers] == list(range(len(layers)))
+    *layers, (head, head_moments) = list(run.layers(full=True))
+    assert [i for i, _ in layers] == list(range(len(layers))) and head == "lm_head"
+    assert head_moments["lm_head"].shape == (run.config.hidden_size,) * 2
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     ids = calibration_ids(AutoTokenizer.from_pretrained(ckpt), 200)
     batch = torch.tensor([ids[:100], ids[100:200]])

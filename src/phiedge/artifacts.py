@@ -163,7 +163,7 @@ class ValidationReport(Lenient):
 class WeightDigests(Closed):
     """What phiedge quantized for an int4 method-stream build: each matrix (checkpoint name without .weight;
     model.embed_tokens for a table of its own or the shared one) by the SHA-256 of its packed weight, scales and
-    zero points in the checkpoint's row order (prequant.digest). The dequantized check reads the weights from
+    zero points in the checkpoint's row order (quantizer.digest). The dequantized check reads the weights from
     the graph and holds them to these digests."""
     block_size: StrictInt
     symmetric: bool

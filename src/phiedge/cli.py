@@ -212,6 +212,9 @@ def train_command(out, like, steps, seed, force):
               help="Input embedding table: float, int8, int4, or shared: the LM head's quantized table at "
                    "--lm-head-bits, stored once (tied checkpoints). All but float need --int4-method stream.")
 @click.option("--lm-head-bits", type=click.Choice(choices(Int4Settings, "lm_head_bits")), default=None, help="Bits of the LM head (8: stream).")
+@click.option("--eight-bit-rows", type=float, default=None, metavar="SHARE",
+              help="A shared 4-bit table (--embeddings shared --lm-head-bits 4, calibrated) with this share of its "
+                   "rows, the tokens the checkpoint gives the most probability, at 8 bits, e.g. 0.1.")
 @click.option("--quantizer", type=click.Choice(choices(Int4Settings, "quantizer")), default=None,
               help="How --int4-method stream rounds each matrix: rtn (round to nearest, ONNX Runtime's kernel), "
                    "mse (least squared error, never worse than rtn) or gptq (rounding errors compensated from the "
@@ -235,16 +238,16 @@ def train_command(out, like, steps, seed, force):
 @click.option("--no-bench", is_flag=True, help="Releases: leave the short benchmark out of the index.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress on stderr.")
 def build_command(target_name, all_targets, model_dir, revision, out, precision, block_size, accuracy_level,
-                  symmetric, algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits, quantizer,
-                  eight_bit, calibrate, context_cap, threads, recipe, calibration, no_validate, thresholds, dry_run,
-                  no_bench, force, quiet):
+                  symmetric, algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits,
+                  eight_bit_rows, quantizer, eight_bit, calibrate, context_cap, threads, recipe, calibration,
+                  no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     if quiet:
         hub.quiet()
     int4 = {k: v for k, v in dict(block_size=block_size, accuracy_level=accuracy_level, symmetric=symmetric,
                                   algorithm=algorithm, shared_embeddings=shared_embeddings,
                                   float_nodes=list(float_nodes) or None, method=int4_method, embeddings=embeddings,
-                                  lm_head_bits=lm_head_bits and int(lm_head_bits),
+                                  lm_head_bits=lm_head_bits and int(lm_head_bits), eight_bit_rows=eight_bit_rows,
                                   quantizer=quantizer, calibrate=calibrate,
                                   eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,

@@ -130,6 +130,7 @@ INT4_METHOD_KEYS: dict[str, tuple[str, Any]] = {
     "quantizer": ("stream", "rtn"),
     "eight_bit": ("stream", []),
     "calibrate": ("stream", False),
+    "eight_bit_rows": ("stream", 0.0),
 }
 
 
@@ -170,6 +171,10 @@ class Int4Settings(Strict):
                                           "names without .weight, e.g. model.layers.0.mlp.down_proj or "
                                           "model.layers.*.self_attn.qkv_proj (stream only; the LM head has "
                                           "lm_head_bits, the table embeddings)")
+    eight_bit_rows: float = Field(
+        0.0, ge=0, lt=1, description="share of a shared 4-bit table's rows kept at 8 bits: the tokens the "
+                                     "calibrated checkpoint gives the most probability, which carry most of "
+                                     "the LM head's error (needs embeddings shared, lm_head_bits 4, calibrate)")
     quantizer: Literal["rtn", "mse", "gptq"] = Field(
         "rtn", description="how method stream rounds each matrix: rtn, ONNX Runtime's round to nearest with the "
                            "block's absolute maximum as scale; mse, the scale (and zero point) of least squared "
@@ -193,8 +198,9 @@ class Int4Settings(Strict):
     def _method(self) -> "Int4Settings":
         if self.method == "builder":
             if any(int4_used(k, getattr(self, k)) for k in method_defaults("stream")):
-                raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse, eight_bit and calibrate "
-                                 "need method: stream (with the builder, use algorithm rtn_last for an 8-bit LM head)")
+                raise ValueError("embeddings int8/int4/shared, lm_head_bits 8, quantizer mse, eight_bit, "
+                                 "eight_bit_rows and calibrate need method: stream (with the builder, use algorithm "
+                                 "rtn_last for an 8-bit LM head)")
             return self
         problems = []
         if self.algorithm != "default":
@@ -210,6 +216,9 @@ class Int4Settings(Strict):
                              "(rtn has nothing to weight)")
         if self.quantizer == "gptq" and not self.calibrate:
             raise ValueError("quantizer gptq needs calibrate: it is driven by the inputs' second moments")
+        if self.eight_bit_rows and (self.embeddings != "shared" or self.lm_head_bits != 4 or not self.calibrate):
+            raise ValueError("eight_bit_rows splits a shared 4-bit table by the calibration's output probabilities: "
+                             "it needs embeddings shared, lm_head_bits 4 and calibrate")
         if self.embeddings == "shared" and self.lm_head_bits == 4 and not self.symmetric:
             raise ValueError("a shared 4-bit table must be symmetric: GatherBlockQuantized cannot read "
                              "MatMulNBits' packed 4-bit zero points (8 bits can)")

@@ -129,6 +129,9 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
         untied = "the checkpoint's LM head is not its embedding table (tie_word_embeddings is false)"
         if "embeddings" in options.int4:
             problems.append(f"int4 embeddings shared: {untied}; choose int8 or int4")
+        elif int4.eight_bit_rows:  # the target's split table: its 8-bit rows' closeness, in two tables
+            int4 = int4.model_copy(update={"embeddings": "int8", "lm_head_bits": 8, "eight_bit_rows": 0.0})
+            notes.append(f"int4 embeddings int8 and an 8-bit LM head instead of the target's split table: {untied}")
         else:  # the target's default: a table of its own at the LM head's bits
             int4 = int4.model_copy(update={"embeddings": f"int{int4.lm_head_bits}"})
             notes.append(f"int4 embeddings {int4.embeddings} instead of the target's shared: {untied}")

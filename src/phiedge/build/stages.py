@@ -26,7 +26,7 @@ from phiedge.checkpoints.corpus import write_calibration
 from phiedge.checks import budget, files, operators
 from phiedge.checks.validate import raise_on_failure, validate
 from phiedge.progress import Progress
-from phiedge.quantize import calibrate, prequant
+from phiedge.quantize import calibrate, prequant, split_table
 from phiedge.workspace import check_output, staged_dir
 
 
@@ -58,7 +58,8 @@ class Build:
         self.folder = ModelFolder(self.tmp)
 
 
-def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None, progress: Progress) -> None:
+def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None, progress: Progress,
+                    split_file: Path) -> None:
     """Method stream: calibrate if the settings ask, then quantize the checkpoint matrix by matrix into the
     folder the builder reads. The calibration's importance (what it was collected from) and every quantized
     matrix's digest (what the dequantized check holds the graph to) go into the output folder."""
@@ -68,7 +69,8 @@ def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None
     calibration = importance = moments = None
     if int4.calibrate:
         calibration = calibrate.Calibration(p.checkpoint.path, calibration_text,
-                                            progress=None if int4.quantizer == "gptq" else progress)
+                                            progress=None if int4.quantizer == "gptq" else progress,
+                                            row_probability=bool(int4.eight_bit_rows))
         importance = calibration.importance  # filled as the calibration runs
         if int4.quantizer == "gptq":  # the layers are quantized as the calibration reaches them
             moments = calibration.layers(full=True)
@@ -86,11 +88,13 @@ def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None
            "gptq": "GPTQ for the layers, least-squared-error block scales for the LM head"}
     progress.step(f"quantizing {matrices} matrices one at a time ({how[int4.quantizer]}, block "
                   f"{int4.block_size}, LM head at {int4.lm_head_bits} bits"
-                  f"{', shared with the embedding' if int4.embeddings == prequant.SHARED else ''})")
+                  f"{', shared with the embedding' if int4.embeddings == prequant.SHARED else ''}"
+                  f"{f', its {int4.eight_bit_rows:.0%} most probable rows at 8 bits' if int4.eight_bit_rows else ''})")
     with progress.bar(matrices, "quantize") as bar:
         _, digests = prequant.write(p.checkpoint.path, dest, int4.block_size, int4.symmetric, int4.lm_head_bits,
                                     int4.embeddings, on_matrix=lambda _: bar.update(1), quantizer=int4.quantizer,
-                                    eight_bit=int4.eight_bit, importance=importance, second_moments=moments)
+                                    eight_bit=int4.eight_bit, importance=importance, second_moments=moments,
+                                    eight_bit_rows=int4.eight_bit_rows, split_file=split_file)
     if calibration is not None:
         calibrate.save(out / calibrate.IMPORTANCE, calibration.importance, calibration.run)
     (out / WEIGHTS).write_text(WeightDigests(block_size=int4.block_size, symmetric=int4.symmetric,
@@ -118,12 +122,19 @@ def export(b: Build) -> None:
         progress.step(f"reusing the export made for target {shared_with} (same recipe and settings)")
         return
     if p.streamed:
-        stream_quantize(p, p.builder_input(b.work), b.tmp, b.options.calibration, progress)
+        stream_quantize(p, p.builder_input(b.work), b.tmp, b.options.calibration, progress,
+                        b.work / split_table.FILE)
     olive_output, b.passes = olive.run_olive(config, b.work, p.checkpoint.config["num_hidden_layers"], progress)
     b.files = olive.collect(olive_output, b.tmp)
     if p.streamed:  # the quantized checkpoint is as big as the model: free the disk before validating
         shutil.rmtree(p.builder_input(b.work))
-    if p.streamed and p.int4.embeddings == prequant.SHARED:  # before the export is kept for reuse
+    if p.streamed and p.int4.embeddings == prequant.SHARED and p.int4.eight_bit_rows:  # before the export is kept
+        saved = graph_fixes.split_tied_table(b.folder.decoder_file, b.work / split_table.FILE)
+        (b.work / split_table.FILE).unlink()
+        b.folder.reload()
+        progress.step(f"one table for the embedding and the LM head, its most probable rows at 8 bits: "
+                      f"{saved / 1e6:.1f} MB less on disk")
+    elif p.streamed and p.int4.embeddings == prequant.SHARED:
         saved = graph_fixes.share_tied_table(b.folder.decoder_file)
         b.folder.reload()
         progress.step(f"one table for the embedding and the LM head: {saved / 1e6:.1f} MB less on disk")

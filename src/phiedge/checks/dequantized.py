@@ -30,8 +30,9 @@ import numpy as np
 from phiedge.artifacts import WEIGHTS, ModelFolder, WeightDigests, read
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.errors import ModelError
-from phiedge.quantize.prequant import EMBEDDING, LM_HEAD, digest
-from phiedge.quantize.quantizer import dequantize
+from phiedge.quantize import split_table
+from phiedge.quantize.prequant import EMBEDDING, LM_HEAD
+from phiedge.quantize.quantizer import dequantize, digest
 from phiedge.schema import DequantizedSettings, Int4Settings
 
 Logits = Callable[[list[int]], np.ndarray]  # token ids -> the built model's logits at each position, [T, V]
@@ -42,6 +43,7 @@ LAYER_MATRIX = re.compile(r"^model\.layers\.(\d+)\.(attn|mlp)\.(\w+)\.MatMulNBit
 SPLIT = {"gate_up_proj": ("gate_proj", "up_proj")}
 TABLE = EMBEDDING[: -len(".weight")]
 HEAD = LM_HEAD[: -len(".weight")]
+SPLIT_PARTS = {f"{part}.MatMulNBits.qweight": part for part in split_table.BITS}  # graph_fixes.split_tied_table's
 
 
 def not_applicable(precision: str, int4: Int4Settings | dict | None) -> str | None:
@@ -66,6 +68,7 @@ class GraphWeights:
         graph = folder.graph.graph
         self.initializers = {init.name: init for init in graph.initializer}
         parts: dict[str, dict] = {}
+        head_weights = {n.input[1] for n in graph.node if n.op_type == "MatMulNBits"}
         for node in graph.node:
             if node.op_type not in ("MatMulNBits", "GatherBlockQuantized"):
                 continue
@@ -73,8 +76,8 @@ class GraphWeights:
             inputs = list(node.input)
             # MatMulNBits(A, B, scales, zero points), GatherBlockQuantized(data, indices, scales, zero points)
             weight = inputs[1] if node.op_type == "MatMulNBits" else inputs[0]
-            if node.op_type == "GatherBlockQuantized" and weight == f"{HEAD}.MatMulNBits.qweight":
-                continue  # the shared table: the LM head's own tensors
+            if node.op_type == "GatherBlockQuantized" and weight in head_weights:
+                continue  # a shared or split table: the LM head's own tensors
             zeros = inputs[3] if len(inputs) > 3 and inputs[3] else None
             name = self.checkpoint_name(weight)
             if name is not None:
@@ -88,6 +91,8 @@ class GraphWeights:
     def checkpoint_name(weight: str) -> str | None:
         if weight == f"{HEAD}.MatMulNBits.qweight":
             return HEAD
+        if weight in SPLIT_PARTS:
+            return SPLIT_PARTS[weight]
         if weight == f"{TABLE}.qweight":
             return TABLE
         m = LAYER_MATRIX.match(weight)
@@ -147,6 +152,20 @@ class GraphWeights:
         packed, scales, zeros, bits, block = self.arrays(matrix)
         return dequantize(packed, scales, zeros, bits, block, tuple(shape))
 
+    def split(self) -> bool:
+        return split_table.HOT in self.matrices
+
+    def positions_digest(self) -> str:
+        return split_table.positions_digest(self._array(split_table.POSITIONS))
+
+    def split_table(self, shape) -> np.ndarray:
+        """The split table (split_table) back in token order, in fp32."""
+        parts = {split_table.POSITIONS: self._array(split_table.POSITIONS)}
+        for part in split_table.BITS:
+            packed, scales, _, _, block = self.arrays(part)
+            parts.update({f"{part}.packed": packed, f"{part}.scales": scales})
+        return split_table.table(parts, block, tuple(shape))
+
 
 def digests_of(folder: ModelFolder) -> WeightDigests:
     path = folder.path / WEIGHTS
@@ -162,7 +181,10 @@ def mismatched(graph: GraphWeights, recorded: WeightDigests) -> list[str]:
     wrong = []
     for matrix, expected in recorded.matrices.items():
         source = HEAD if matrix == TABLE and shared else matrix
-        if source not in graph.matrices or graph.digest(source) != expected:
+        if matrix == split_table.POSITIONS:
+            if not graph.split() or graph.positions_digest() != expected:
+                wrong.append(matrix)
+        elif source not in graph.matrices or graph.digest(source) != expected:
             wrong.append(matrix)
     unrecorded = set(graph.matrices) - set(recorded.matrices) - ({HEAD} if shared else set())
     return wrong + sorted(unrecorded)
@@ -176,6 +198,8 @@ def dequantizer(graph: GraphWeights, recorded: WeightDigests):
 
     def transform(name: str, tensor):
         matrix = name[: -len(".weight")]
+        if matrix in (TABLE, HEAD) and graph.split():
+            return torch.from_numpy(graph.split_table(tuple(tensor.shape)))
         if matrix == TABLE and shared:
             matrix = HEAD
         if matrix not in graph.matrices:

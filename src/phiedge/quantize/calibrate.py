@@ -30,16 +30,17 @@ from phiedge.checkpoints.corpus import calibration_ids
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checkpoints.weights import Weights
 from phiedge.errors import BuildError
-from phiedge.quantize.prequant import LM_HEAD, check_shapes
+from phiedge.quantize.prequant import LM_HEAD_KEY, check_shapes
+from phiedge.quantize.split_table import ROW_PROBABILITY
 
 IMPORTANCE = "phiedge_importance.safetensors"
 METADATA = "phiedge_calibration"  # the safetensors metadata key holding what the importance was collected from
-LM_HEAD_KEY = LM_HEAD[: -len(".weight")]
 # 8 windows of 512 tokens: llama.cpp's imatrix examples use about 100 chunks of 512, but the mean squares stop
 # moving from about 4096 tokens on, and GPTQ built from 4096 tokens was as close to the original as from 8192 or
 # 16384 (benchmarks/RESULTS.md, "Calibration", "GPTQ"); every token costs a forward pass of the whole checkpoint
 # in fp32 on the build machine (about 2 x 3.6e9 FLOPs a token at Phi-4-mini) and its share of GPTQ's statistics.
 TOKENS = 4096
+HEAD_ROWS = 256  # positions whose logits are computed at once: 205 MB of fp32 at a 200064 vocabulary
 WINDOW = 512
 # Windows run through a layer together: each group loads the layer once more (cheap beside the compute), and its
 # activations (at Phi-4-mini's widths about 0.3 GB a window in the MLP and attention) are all that grows.
@@ -75,7 +76,7 @@ class Calibration:
     has not been loaded. `layers()` yields them; `importance` and `run` are filled as it goes."""
 
     def __init__(self, model_dir: str | Path, text_file: str | Path | None = None, tokens: int = TOKENS,
-                 window: int = WINDOW, progress=None):
+                 window: int = WINDOW, progress=None, row_probability: bool = False):
         import torch
         from transformers import AutoConfig
 
@@ -91,14 +92,19 @@ class Calibration:
         self.batch = torch.tensor([ids[i:i + width] for i in range(0, len(ids) - width + 1, width)])
         check_shapes(Weights(self.model_dir), self.config.to_dict())  # a wrong header: one line, not torch's error
         self.progress = progress
+        self.row_probability = row_probability
         self.importance: dict[str, np.ndarray] = {}
         self.run = {"source": Path(text_file).name if text_file is not None else "stdlib training split",
                     "tokens": int(self.batch.numel()), "windows": int(self.batch.shape[0]), "window": int(width)}
 
     def layers(self, full: bool = False):
         """Yield (layer index, {matrix name: its inputs' second moments}) in layer order: with `full` the
-        [K, K] matrices E[x x^T] (torch float32, GPTQ's), else only their diagonals. Afterwards `importance`
-        holds every diagonal (numpy float32), the LM head's ("lm_head") from the final norm's output."""
+        [K, K] matrices E[x x^T] (torch float32, GPTQ's), then ("lm_head", {"lm_head": the LM head's}), else
+        only the layers' diagonals. Afterwards `importance`
+        holds every diagonal (numpy float32), the LM head's ("lm_head") from the final norm's output, and with
+        `row_probability` the probability the checkpoint gives each token, averaged over the calibration's
+        positions (ROW_PROBABILITY: one number per LM head row, which ranks the table's rows for
+        prequant's eight_bit_rows)."""
         import torch
         from transformers.masking_utils import create_causal_mask
 
@@ -146,9 +152,19 @@ class Calibration:
                         bar.update(1)
                     yield index, (stats if full else {k: self.importance[k] for k in stats})
                     del stats
-                head = sum(inner.norm(states).reshape(-1, states.shape[-1]).square().sum(0, dtype=torch.float64)
-                           for states in hidden)
+                normed = [inner.norm(states).reshape(-1, states.shape[-1]) for states in hidden]
+                del hidden
+                head = sum(x.square().sum(0, dtype=torch.float64) for x in normed)
                 self.importance[LM_HEAD_KEY] = (head / count).to(torch.float32).numpy()
+                if self.row_probability:
+                    table = model.get_output_embeddings().weight
+                    total = torch.zeros(table.shape[0], dtype=torch.float64)
+                    for x in normed:
+                        for start in range(0, x.shape[0], HEAD_ROWS):
+                            total += torch.softmax(x[start:start + HEAD_ROWS] @ table.T, -1).sum(0, dtype=torch.float64)
+                    self.importance[ROW_PROBABILITY] = (total / count).to(torch.float32).numpy()
+                if full:  # the LM head's E[x x^T] last, for a split table's GPTQ
+                    yield LM_HEAD_KEY, {LM_HEAD_KEY: sum(x.T @ x for x in normed) / count}
         finally:
             if bar is not None:
                 bar.close()

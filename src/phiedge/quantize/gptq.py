@@ -67,14 +67,16 @@ def upper_inverse(r, leaf: int = LEAF):
     return out
 
 
-def quantize(weight, hessian, bits: int, block_size: int, symmetric: bool, damp: float = DAMP):
+def quantize(weight, hessian, bits: int, block_size: int, symmetric: bool, damp: float = DAMP, factor=None):
     """(packed, scales, zero points or None) of a [N, K] weight in MatMulNBits' layout, by GPTQ with the [K, K]
     input second moments `hessian` (calibrate's: the mean of x x^T over the calibration tokens).
 
     The weight is worked on transposed (one contiguous row per input column), BATCH columns at a time: within a
     batch each rounded column's error moves the batch's later columns at once, the columns after the batch
     take the batch's errors in one matrix product at its end (the paper's lazy batch updates). A quantization
-    block's scales are chosen when it starts, from the weights as every earlier column left them."""
+    block's scales are chosen when it starts, from the weights as every earlier column left them. Rows are
+    independent: a matrix may be quantized a slice of rows at a time, with `factor` (inverse_factor(hessian,
+    damp)) computed once for all slices."""
     import torch
 
     wt = torch.as_tensor(np.asarray(weight, dtype=np.float32)).T.contiguous()  # [K, N]
@@ -85,7 +87,7 @@ def quantize(weight, hessian, bits: int, block_size: int, symmetric: bool, damp:
         raise BuildError(f"a {n} x {k} weight does not split into blocks of {block_size}")
     if tuple(np.shape(hessian)) != (k, k):
         raise BuildError(f"GPTQ needs {k} x {k} input second moments for a {n} x {k} weight, not {np.shape(hessian)}")
-    u = inverse_factor(hessian, damp)
+    u = inverse_factor(hessian, damp) if factor is None else factor
     importance = torch.diagonal(torch.as_tensor(hessian, dtype=torch.float32)).clamp(min=0).numpy()
     qmax = (1 << bits) - 1
     codes = torch.empty((k, n), dtype=torch.uint8)

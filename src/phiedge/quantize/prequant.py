@@ -14,7 +14,6 @@ in fp32, whatever the model's size.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,14 +23,15 @@ import numpy as np
 from phiedge.checkpoints.checkpoint import parameter_shapes
 from phiedge.checkpoints.weights import Weights
 from phiedge.errors import BuildError, ModelError
-from phiedge.quantize import gptq
-from phiedge.quantize.quantizer import quantize
+from phiedge.quantize import gptq, split_table
+from phiedge.quantize.quantizer import digest, quantize
 
 SHARD_BYTES = 1 << 30  # quantized bytes per output safetensors file
 EMBEDDING = "model.embed_tokens.weight"
 EMBEDDING_BITS = {"int8": 8, "int4": 4}
 SHARED = "shared"  # embeddings setting: the table is the LM head's quantized matrix (tied checkpoints)
 LM_HEAD = "lm_head.weight"
+LM_HEAD_KEY = "lm_head"  # the LM head as a matrix name (importance, second moments)
 # The builder's quantized-checkpoint reader knows Phi-3-style names (fused qkv_proj and gate_up_proj, model.norm),
 # not Phi-2's (dense, fc1, fc2, final_layernorm): Phi-2 goes through the builder's own quantization.
 ARCHITECTURES = ("Phi3ForCausalLM",)
@@ -109,24 +109,14 @@ def count_matrices(model_dir: Path, embeddings: str = "float") -> int:
     return sum(map(is_linear, Weights(model_dir).names())) + 1 + (embeddings in EMBEDDING_BITS)
 
 
-def digest(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> str:
-    """SHA-256 of a quantized matrix as MatMulNBits reads it, in the checkpoint's row order: its packed weight,
-    scales and zero points, each C-contiguous. The build records one per matrix; the dequantized check
-    recomputes it from the graph's initializers (their rows are the same bytes, split or not)."""
-    h = hashlib.sha256()
-    for part in (packed, scales, zeros):
-        if part is not None:
-            h.update(np.ascontiguousarray(part).tobytes())
-    return h.hexdigest()
-
-
 def layer_index(name: str) -> int | None:
     return int(name.split(".")[2]) if name.startswith("model.layers.") else None
 
 
 def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_bits: int = 4,
           embeddings: str = "float", on_matrix=None, quantizer: str = "rtn", eight_bit=(),
-          importance: dict | None = None, second_moments=None) -> tuple[dict, dict[str, str]]:
+          importance: dict | None = None, second_moments=None, eight_bit_rows: float = 0.0,
+          split_file: Path | None = None) -> tuple[dict, dict[str, str]]:
     """Write an Olive-format quantized checkpoint of `model_dir` into `out` (a new folder).
 
     Linear weights become qweight/scales (+qzeros when asymmetric) at 4 bits, the LM head at `lm_head_bits`
@@ -139,6 +129,9 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     "lm_head", also weights a shared table; a table of its own has none); gptq for the layers' matrices, from
     `second_moments` (calibrate.Calibration.layers(full=True): one layer's matrices at a time, consumed in
     layer order, so the layers are quantized as the calibration reaches them), the LM head and table by mse.
+    `eight_bit_rows` (a shared 4-bit table): that share of the table's rows, ranked by the calibration's
+    ROW_PROBABILITY, at 8 bits and the rest at 4, written to `split_file` (split_table) for the graph, which
+    takes it instead of the builder's table; the digests then name the parts, not the table.
     Norms are copied. Returns the quantization_config written into config.json, which tells Olive's
     ModelBuilder pass what it reads, and each quantized matrix's `digest` (name without .weight).
     """
@@ -152,6 +145,8 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
     if shared and not config.get("tie_word_embeddings"):
         raise BuildError("embeddings shared needs a checkpoint whose LM head is its embedding table "
                          "(tie_word_embeddings)")
+    if eight_bit_rows and (not shared or lm_head_bits != 4 or not symmetric or split_file is None):
+        raise BuildError("eight_bit_rows splits a shared symmetric 4-bit table into a file of its own")
     if (quantizer == "gptq") != (second_moments is not None):
         raise BuildError("quantizer gptq needs the calibration's second moments, and only gptq reads them")
     out.mkdir(parents=True)
@@ -191,7 +186,7 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             packed, scales, zeros = gptq.quantize(weights.tensor(source).to(torch.float32).numpy(), moments, bits,
                                                 block_size, symmetric)
         else:
-            key = "lm_head" if prefix == "model.embed_tokens" and shared else prefix
+            key = LM_HEAD_KEY if prefix == "model.embed_tokens" and shared else prefix
             method = "mse" if quantizer == "gptq" else quantizer
             packed, scales, zeros = quantize(weights.rows(source), bits, block_size, symmetric, method,
                                              (importance or {}).get(key))
@@ -223,14 +218,26 @@ def write(model_dir: Path, out: Path, block_size: int, symmetric: bool, lm_head_
             else:
                 put(name, weights.tensor(name))
         del moments
+    head_moments = None
     if stream is not None:
-        for _ in stream:  # the calibration's end: the LM head's importance
-            pass
+        for got, moments in stream:  # the calibration's end: the LM head's importance and second moments
+            head_moments = moments.get(LM_HEAD_KEY) if got == LM_HEAD_KEY else head_moments
     # the table and the LM head last: a calibration run with the layers gives the LM head's importance at its end
     if EMBEDDING in names and embeddings in EMBEDDING_BITS:
         quantized("model.embed_tokens", EMBEDDING, EMBEDDING_BITS[embeddings])
     elif EMBEDDING in names and shared:
         quantized("model.embed_tokens", EMBEDDING, lm_head_bits)
+        if eight_bit_rows:
+            probability = (importance or {}).get(split_table.ROW_PROBABILITY)
+            if probability is None:
+                raise BuildError("eight_bit_rows ranks the table's rows by the calibration's output probabilities, "
+                                 "which this build did not collect")
+            parts = split_table.quantize_split(weights.rows(EMBEDDING), split_table.hot_rows(probability,
+                                               eight_bit_rows), block_size, (importance or {}).get(LM_HEAD_KEY),
+                                               cold_moments=head_moments)
+            split_table.save(split_file, parts)
+            del digests["model.embed_tokens"]  # the graph keeps the parts, not the builder's table
+            digests.update(split_table.digests(parts))
     elif EMBEDDING in names:
         put(EMBEDDING, weights.tensor(EMBEDDING))
     if not shared:

@@ -30,6 +30,7 @@ either. The search here is numpy on one slice of rows at a time, vectorized acro
 
 from __future__ import annotations
 
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -77,7 +78,7 @@ def quantize(weight_rows, bits: int, block_size: int, symmetric: bool, method: s
     zero_points = None if symmetric else np.empty((n, (blocks * bits + 7) // 8), dtype=np.uint8)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
-        chunk = _fp32(weight_rows[start:stop])
+        chunk = as_fp32(weight_rows[start:stop])
         if method == "rtn":
             p, s, z = _ort_rtn(chunk, bits, block_size, symmetric)
         else:
@@ -87,6 +88,17 @@ def quantize(weight_rows, bits: int, block_size: int, symmetric: bool, method: s
         if zero_points is not None:
             zero_points[start:stop] = z
     return packed, scales, zero_points
+
+
+def digest(packed: np.ndarray, scales: np.ndarray, zeros: np.ndarray | None) -> str:
+    """SHA-256 of a quantized matrix as MatMulNBits reads it, in the checkpoint's row order: its packed weight,
+    scales and zero points, each C-contiguous. The build records one per matrix; the dequantized check
+    recomputes it from the graph's initializers (their rows are the same bytes, split or not)."""
+    h = hashlib.sha256()
+    for part in (packed, scales, zeros):
+        if part is not None:
+            h.update(np.ascontiguousarray(part).tobytes())
+    return h.hexdigest()
 
 
 def dequantize(packed, scales, zero_points, bits: int, block_size: int, shape) -> np.ndarray:
@@ -149,7 +161,7 @@ def block_error(weight: np.ndarray, approx: np.ndarray, block_size: int, weights
     return diff.reshape(diff.shape[0], -1, block_size).sum(-1)
 
 
-def _fp32(tensor) -> np.ndarray:
+def as_fp32(tensor) -> np.ndarray:
     import torch
 
     if isinstance(tensor, torch.Tensor):
