@@ -85,7 +85,8 @@ def stream_quantize(p: Plan, dest: Path, out: Path, calibration_text: str | None
             prequant.release_memory()
     how = {"rtn": "ONNX Runtime's round-to-nearest kernel",
            "mse": "least-squared-error block scales" + (", weighted by the calibration" if importance else ""),
-           "gptq": "GPTQ for the layers, least-squared-error block scales for the LM head"}
+           "gptq": "GPTQ for the layers" + (" and the table's 4-bit rows" if int4.eight_bit_rows else
+                                            ", least-squared-error block scales for the LM head")}
     progress.step(f"quantizing {matrices} matrices one at a time ({how[int4.quantizer]}, block "
                   f"{int4.block_size}, LM head at {int4.lm_head_bits} bits"
                   f"{', shared with the embedding' if int4.embeddings == prequant.SHARED else ''}"
