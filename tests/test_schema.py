@@ -25,8 +25,11 @@ def test_block_size_must_be_a_power_of_two_in_range(size):
 @pytest.mark.parametrize("settings, message", [
     ({"embeddings": "int8"}, "need method: stream"),
     ({"lm_head_bits": 8}, "need method: stream"),
-    ({"quantizer": "mse"}, "quantizer mse, eight_bit and calibrate need method: stream"),
-    ({"eight_bit": ["model.layers.0.mlp.down_proj"]}, "eight_bit and calibrate need method: stream"),
+    ({"quantizer": "mse"}, "quantizer mse, eight_bit, eight_bit_rows and calibrate need method: stream"),
+    ({"eight_bit": ["model.layers.0.mlp.down_proj"]}, "eight_bit_rows and calibrate need method: stream"),
+    ({"eight_bit_rows": 0.1}, "eight_bit_rows and calibrate need method: stream"),
+    ({"method": "stream", "embeddings": "shared", "eight_bit_rows": 0.1}, "it needs embeddings shared, lm_head_bits 4"),
+    ({"method": "stream", "eight_bit_rows": 1.0}, "eight_bit_rows"),
     ({"calibrate": True, "quantizer": "mse"}, "calibrate need method: stream"),
     ({"method": "stream", "calibrate": True}, "calibrate weights the quantizer: it needs quantizer mse or gptq"),
     ({"method": "stream", "quantizer": "gptq"}, "quantizer gptq needs calibrate"),
