@@ -351,7 +351,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every runtime")
     parser.add_argument("-r", "--repetitions", type=int, default=5,
                         help="interleaved repetitions: each loads every runtime in turn and times each test once")
-    parser.add_argument("--skip", action="append", default=[], choices=["llama.cpp", "optimum", "unpruned", "block32", "block128"],
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["llama.cpp", "optimum", "unpruned", "block32", "block128", "split"],
                         help="leave a peer out")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked sdist's vendor/llama.cpp")
     parser.add_argument("--workdir", type=Path, help="keep intermediate files here (default: a temporary folder)")
@@ -382,6 +383,11 @@ def main() -> int:
             log("phiedge at block 128")
             b128 = phiedge_build(model_dir, work / "phiedge-b128", args.threads, "--block-size", "128")
             peers.append(phiedge_peer(b128, "cpu target at block 128"))
+        if "split" not in args.skip:
+            log("phiedge with a split table")
+            split = phiedge_build(model_dir, work / "phiedge-split", args.threads, "--lm-head-bits", "4",
+                                  "--eight-bit-rows", "0.1")
+            peers.append(phiedge_peer(split, "cpu target, split table (10% of rows at 8 bits)"))
         if "unpruned" not in args.skip:
             log("phiedge without prune_lm_head")
             unpruned = phiedge_unpruned(model_dir, work / "unpruned", args.threads)
