@@ -96,6 +96,9 @@ SETTINGS = [  # (name, precision, int4 overrides of PLAIN)
        {"block_size": block, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 8,
         "eight_bit": ["model.layers.0.self_attn.qkv_proj"] if qkv else []})
       for block in (256, 128, 64, 32) for qkv in ("", ", 8-bit qkv_proj in layer 0")],
+    *[(f"b256 gptq, split table ({round(rows * 100)}% rows at 8 bits), 8-bit qkv_proj in layer 0", "int4",
+       {"block_size": 256, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 4,
+        "eight_bit_rows": rows, "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}) for rows in (0.05, 0.1, 0.2)],
 ]
 ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
     ("fp32", "fp32", {}),
