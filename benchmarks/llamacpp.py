@@ -99,6 +99,12 @@ SETTINGS = [  # (name, precision, int4 overrides of PLAIN)
     *[(f"b256 gptq, split table ({round(rows * 100)}% rows at 8 bits), 8-bit qkv_proj in layer 0", "int4",
        {"block_size": 256, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 4,
         "eight_bit_rows": rows, "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}) for rows in (0.05, 0.1, 0.2)],
+    *[(f"b{block} gptq, split table (10% rows at 8 bits), 8-bit qkv_proj in layer 0", "int4",
+       {"block_size": block, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 4,
+        "eight_bit_rows": 0.1, "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}) for block in (64, 32)],
+    ("b256 gptq, one shared 4-bit table, 8-bit qkv_proj in layer 0", "int4",
+     {"block_size": 256, "quantizer": "gptq", "calibrate": True, "embeddings": "shared", "lm_head_bits": 4,
+      "eight_bit": ["model.layers.0.self_attn.qkv_proj"]}),
 ]
 ONNX_SETTINGS = [  # (name, precision, int4 overrides of the cpu target)
     ("fp32", "fp32", {}),
