@@ -74,6 +74,20 @@ def test_chat_formats_stop_where_the_checkpoints_do(variant):
     assert by_id[config["pad_token_id"]] == fmt.pad_token
 
 
+@pytest.mark.parametrize("variant", sorted(PUBLISHED))
+def test_chat_formats_mark_tokens_special_as_the_published_tokenizers_do(variant):
+    """A token the published tokenizer does not mark special is written out by decoding (Phi-4-mini's tool markers,
+    which `phiedge serve` reads replies by): the format's text_tokens are exactly those."""
+    folder, fmt = PUBLISHED[variant], catalog.chat_formats()[catalog.find_variant(variant).chat_format]
+    path = REAL / folder / "tokenizer_config.json"
+    if not path.is_file():
+        path = REAL / folder.split("/")[0] / "tokenizer_config.json"
+    special = {t["content"]: t["special"] for t in json.loads(path.read_text())["added_tokens_decoder"].values()}
+    ours = [t for t in fmt.special_tokens if t in special]
+    assert ours, "none of the format's tokens is in the published tokenizer"
+    assert {t for t in ours if not special[t]} == set(fmt.text_tokens) & set(ours)
+
+
 def test_the_chat_templates_are_the_published_ones():
     """Byte for byte where the fixture has the current tokenizer_config.json (Phi-3-mini's differ: the format's
     comment says how)."""

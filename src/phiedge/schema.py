@@ -49,6 +49,9 @@ class ChatFormat(Strict):
     name: str
     description: str
     special_tokens: list[str] = Field(min_length=1, description="added tokens, in id order")
+    text_tokens: list[str] = Field(default_factory=list, description="those of special_tokens the published tokenizer "
+                                   "does not mark special, so that decoding writes them out (Phi-4-mini's tool "
+                                   "markers, the reasoning models' <think>): what `phiedge serve` reads replies by")
     bos_token: str
     eos_tokens: list[str] = Field(min_length=1, description="tokens that end generation: generation_config.json's "
                                                              "eos_token_id list, in its order")
@@ -76,7 +79,7 @@ class ChatFormat(Strict):
     @model_validator(mode="after")
     def _tokens_are_special(self) -> ChatFormat:
         known = set(self.special_tokens)
-        for token in [self.bos_token, self.pad_token, self.config_eos, *self.eos_tokens]:
+        for token in [self.bos_token, self.pad_token, self.config_eos, *self.eos_tokens, *self.text_tokens]:
             if token not in known:
                 raise ValueError(f"{token!r} is not among special_tokens")
         return self

@@ -124,7 +124,7 @@ def _save_tokenizer(out: Path, fmt: ChatFormat, vocab_size: int, max_len: int) -
     if n_bpe < 300:
         raise ConfigError("synth", [f"--vocab {vocab_size} is too small: the byte-level tokenizer needs "
                                     f"{300 + len(fmt.special_tokens)} ids at least"])
-    tok = train_tokenizer(n_bpe, fmt.special_tokens)
+    tok = train_tokenizer(n_bpe, fmt.special_tokens, fmt.text_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=fmt.bos_token, eos_token=fmt.config_eos, pad_token=fmt.pad_token,
         unk_token=None, model_max_length=max_len, clean_up_tokenization_spaces=False)

@@ -25,10 +25,11 @@ def _trained(n_bpe: int) -> str:
     return tok.to_str()
 
 
-def train_tokenizer(n_bpe: int, special_tokens: list[str]):
-    """A BPE of n_bpe ids, then the special tokens after it, in order."""
-    from tokenizers import Tokenizer
+def train_tokenizer(n_bpe: int, special_tokens: list[str], text_tokens: tuple[str, ...] | list[str] = ()):
+    """A BPE of n_bpe ids, then the added tokens after it, in order: special ones (decoding leaves them out)
+    except text_tokens (decoding writes them out, as the published tokenizer marks them)."""
+    from tokenizers import AddedToken, Tokenizer
 
     tok = Tokenizer.from_str(_trained(n_bpe))
-    tok.add_special_tokens(special_tokens)
+    tok.add_tokens([AddedToken(t, special=t not in text_tokens, normalized=False) for t in special_tokens])
     return tok
