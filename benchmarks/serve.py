@@ -73,18 +73,21 @@ def direct(model, tokenizer, n: int) -> tuple[float, float, int]:
 
 def streamed(url: str, n: int) -> tuple[float, float, int]:
     """The same through the server's SSE stream, as a client receives it: the first token is the first chunk
-    with text, the last the chunk with finish_reason; the count is the usage the server sends with it."""
-    body = {"model": NAME, "messages": PROMPT, "max_tokens": n, "temperature": 0, "stream": True}
+    with text, the last the chunk with finish_reason; the count is the usage the server sends after it."""
+    body = {"model": NAME, "messages": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     start, first, last, count = time.perf_counter(), None, None, 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"][0]["delta"].get("content") and first is None:
+            if not chunk["choices"]:  # the usage chunk, last
+                count = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["delta"].get("content") and first is None:
                 first = time.perf_counter()
-            if chunk["choices"][0]["finish_reason"]:
-                last, count = time.perf_counter(), chunk["usage"]["completion_tokens"]
+            elif chunk["choices"][0]["finish_reason"]:
+                last = time.perf_counter()
     if first is None or last <= first:
         sys.exit("the server's reply had no text to time: use a checkpoint whose greedy tokens decode to text")
     return first - start, (count - 1) / (last - first), count

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from filelock import FileLock
+from scripted import script
 
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
@@ -77,6 +78,24 @@ def checkpoints(tmp_path_factory) -> dict:
 def trained(tmp_path_factory) -> str:
     """A Phi-4-mini-shaped model trained here on stdlib source: quality numbers mean something on it."""
     return str(once(tmp_path_factory, "trained", lambda path: train(path, steps=TRAIN_STEPS)))
+
+
+@pytest.fixture(scope="session")
+def thinking(tmp_path_factory) -> Path:
+    """An fp32 build of a Phi-4-reasoning-shaped checkpoint whose weights script its greedy reply: a <think> block,
+    then an answer (tests/scripted.py)."""
+
+    def make(out: Path) -> None:
+        source = out.parent / "thinking-checkpoint"
+        synth("phi-4-reasoning", source, Shrink(layers=1, heads=2, kv_heads=1, intermediate=256, vocab=2048), seed=1,
+              dtype="fp32", force=True)
+        script(source, THINKING)
+        build(str(source), "cpu", out, BuildOptions(precision="fp32"))
+
+    return once(tmp_path_factory, "builds/thinking-fp32", make)
+
+
+THINKING = ["<|im_sep|>", "<think>", "return", "</think>", "import", "<|im_end|>"]  # the prompt's last token first
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,9 @@ def rss_kb(pid: int) -> int:
                     if line.startswith("VmRSS")).split()[1])
 
 
-@pytest.fixture(scope="module")
-def server(builds, tmp_path_factory):
-    """`phiedge serve` on the int4 Phi-4-mini-shaped build, with an API key and a queue of 4."""
-    model = builds("phi-4-mini", "int4")
+def serving(model: Path, log: Path):
+    """`phiedge serve MODEL` in its own process on a free port, with an API key and a queue of 4, until closed."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-c", "from phiedge.cli import cli; cli()", "serve", str(model),
                                  "--port", str(port), "--max-queue", "4", "--model-name", NAME],
@@ -61,6 +58,18 @@ def server(builds, tmp_path_factory):
     yield {"url": url, "proc": proc, "model": model}
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(builds, tmp_path_factory):
+    """The int4 Phi-4-mini-shaped build, served."""
+    yield from serving(builds("phi-4-mini", "int4"), tmp_path_factory.mktemp("serve") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def thinking_server(thinking, tmp_path_factory):
+    """A reasoning variant whose weights script a <think> block and an answer (tests/scripted.py), served."""
+    yield from serving(thinking, tmp_path_factory.mktemp("serve") / "server.log")
 
 
 def client(server, **kwargs) -> openai.OpenAI:
@@ -116,10 +125,96 @@ def test_a_tool_round_trip_is_accepted_by_the_server(server):
     assert reply.usage.prompt_tokens == prompt_tokens(server["model"], rendered)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather of a city for some days",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {},
+                                                                            "additionalProperties": False}}}
+
+
+def test_a_forced_tool_call_comes_back_to_the_client_as_tool_calls(server):
+    """tool_choice naming a function (or `required`) makes the model write the call: the reply starts inside
+    `<|tool_call|>`, decoding constrained to that tool's arguments, and the client receives tool_calls; the call
+    and the tool's result then go back as the next turn."""
+    c = client(server)
+    messages = [{"role": "user", "content": "Weather in Paris for three days?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+                                      tools=[WEATHER, CLOCK], tool_choice=named)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Oslo")
+    assert 1 <= arguments["days"] <= 7 and set(arguments) == {"city", "days"}
+    streamed = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+                                              tools=[WEATHER, CLOCK], tool_choice=named, stream=True))
+    [delta] = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert (delta.function.name, delta.function.arguments) == (call.function.name, call.function.arguments)
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+    required = c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+                                         tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False)
+    assert [t.function.name in ("get_weather", "get_time") for t in required.choices[0].message.tool_calls] == [True]
+    history = [*messages, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'}]
+    after = c.chat.completions.create(model=NAME, messages=history, max_tokens=4, temperature=0, tools=[WEATHER])
+    assert after.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError, match="'get_news', which is not among the request's tools"):
+        c.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER],
+                                  tool_choice={"type": "function", "function": {"name": "get_news"}})
+    with pytest.raises(openai.BadRequestError, match="cannot be combined"):
+        c.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], tool_choice="required",
+                                  response_format={"type": "json_object"})
+
+
+def test_a_stream_carries_usage_only_when_asked(server):
+    """OpenAI's stream_options.include_usage: every chunk says usage null, and a last chunk with no choices has it."""
+    c = client(server)
+    plain = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, temperature=0)
+    chunks = list(c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage
+    assert all(ch.usage is None and ch.choices for ch in chunks[:-1])
+    assert chunks[-2].choices[0].finish_reason == plain.choices[0].finish_reason
+    bare = list(c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=5, temperature=0, stream=True))
+    assert all(ch.usage is None and ch.choices for ch in bare)
+    done = list(c.completions.create(model=NAME, prompt="def main():", max_tokens=5, temperature=0, stream=True,
+                                     stream_options={"include_usage": True}))
+    assert done[-1].choices == [] and done[-1].usage.completion_tokens == 5
+
+
+def test_a_reasoning_models_think_block_is_its_reasoning_content(thinking_server):
+    """The model writes `<think>return</think>import` (its weights script it): the client gets the block as
+    reasoning_content and the rest as content, streamed or not; the usage counts every token the model wrote."""
+    c = client(thinking_server)
+    messages = [{"role": "user", "content": "What comes next?"}]
+    reply = c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
+    message = reply.choices[0].message
+    assert (message.model_extra["reasoning_content"], message.content) == ("return", "import")
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == 4
+    chunks = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "return"
+    assert "".join(d.content or "" for d in deltas) == "import"
+    short = c.chat.completions.create(model=NAME, messages=messages, max_tokens=2, temperature=0)
+    assert short.choices[0].message.model_extra["reasoning_content"] == "return" and not short.choices[0].message.content
+
+
 def test_json_output_is_constrained(server):
-    reply = client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=16, temperature=0,
-                                                   response_format={"type": "json_object"})
-    assert reply.choices[0].message.content.lstrip().startswith("{")
+    """Constrained decoding on a model with random weights: the reply is JSON of the schema asked for."""
+    c = client(server)
+    reply = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=16, temperature=0,
+                                      response_format={"type": "json_object"})
+    assert reply.choices[0].message.content.startswith("{")
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer",
+              "minimum": 0, "maximum": 99}}, "required": ["answer", "n"], "additionalProperties": False}
+    reply = c.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=32, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}})
+    data = json.loads(reply.choices[0].message.content)
+    assert data["answer"] in ("yes", "no") and 0 <= data["n"] <= 99 and set(data) == {"answer", "n"}
+    assert reply.choices[0].finish_reason == "stop"
 
 
 def test_bad_requests_get_their_status_and_openais_error_shape(server):

@@ -2,7 +2,8 @@
 
 Routes: GET /health, GET /v1/models, POST /v1/chat/completions and /v1/completions, each streamed as server-sent
 events with `stream: true`. Errors have OpenAI's shape and never carry a traceback: 400 for a request the model
-cannot answer as asked (a prompt over the context cap, tools for a format without them, n above 1), 401 for a
+cannot answer as asked (a prompt over the context cap, tools for a format without them, n above 1, a forced tool
+choice or response_format where this onnxruntime-genai build cannot constrain decoding), 401 for a
 missing or wrong API key, 404 for another model's name, 429 with Retry-After when the queue is full.
 """
 
@@ -22,7 +23,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phiedge.errors import ServerBusy, ServeRequestError
-from phiedge.serve.chat import TOOL_CALL, TOOL_CALL_END, Format, Splitter, template_messages
+from phiedge.serve.chat import (
+    COMPACT,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    Format,
+    Splitter,
+    call_schema,
+    forced_tools,
+    template_messages,
+)
 from phiedge.serve.engine import Engine, Job
 from phiedge.serve.protocol import (
     ChatRequest,
@@ -48,17 +58,24 @@ def error(status: int, message: str, kind: str, code: str | None = None, headers
     return JSONResponse(error_body(message, kind, code), status_code=status, headers=headers)
 
 
-def guidance_of(request: ChatRequest, engine: Engine) -> tuple[str, str] | None:
+def guidance_of(request: ChatRequest, engine: Engine, forced) -> tuple[str, str] | None:
     fmt = request.response_format
-    if fmt is None or fmt.type == "text":
+    constrained = fmt is not None and fmt.type != "text"
+    if constrained and forced:
+        raise ServeRequestError("response_format and a forced tool_choice cannot be combined: the reply is the calls")
+    if (constrained or forced) and not engine.guidance:
+        what = "response_format" if constrained else "tool_choice other than 'auto' or 'none'"
+        raise ServeRequestError(f"{what} needs constrained decoding, which this onnxruntime-genai build lacks")
+    if forced:
+        one = request.tool_choice != "required" or not request.parallel_tool_calls
+        return "json_schema", json.dumps({**COMPACT, **call_schema(forced, one)})
+    if not constrained:
         return None
-    if not engine.guidance:
-        raise ServeRequestError("response_format needs constrained decoding, which this onnxruntime-genai build lacks")
     if fmt.type == "json_object":
-        return "json_schema", json.dumps({"type": "object"})
+        return "json_schema", json.dumps({**COMPACT, "type": "object"})
     if fmt.json_schema is None or not fmt.json_schema.schema_:
         raise ServeRequestError("response_format json_schema needs json_schema.schema")
-    return "json_schema", json.dumps(fmt.json_schema.schema_)
+    return "json_schema", json.dumps({**COMPACT, **fmt.json_schema.schema_})
 
 
 async def parse(request: Request, model: type[BaseModel]):
@@ -94,8 +111,10 @@ async def watch(http: Request, job: Job) -> None:
 
 
 async def generation(served: Served, http: Request, prompt_ids: list[int], request: Sampling,
-                     max_tokens: int | None, guidance: tuple[str, str] | None) -> AsyncIterator[tuple[str, str] | Reply]:
-    """(kind, text) events as the model writes them, then the Reply; a client gone stops the model."""
+                     max_tokens: int | None, guidance: tuple[str, str] | None,
+                     in_tool: bool = False) -> AsyncIterator[tuple[str, str] | Reply]:
+    """(kind, text) events as the model writes them, then the Reply; a client gone stops the model. in_tool: the
+    prompt ends in `<|tool_call|>`, so the reply starts inside a call."""
     engine, cap = served.engine, served.engine.max_length
     if len(prompt_ids) >= cap:
         raise ServeRequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
@@ -105,7 +124,7 @@ async def generation(served: Served, http: Request, prompt_ids: list[int], reque
               loop=asyncio.get_running_loop())
     engine.submit(job)
     watcher = asyncio.create_task(watch(http, job))
-    decoder, splitter = engine.tokenizer.create_stream(), Splitter(request.stops(), served.fmt)
+    decoder, splitter = engine.tokenizer.create_stream(), Splitter(request.stops(), served.fmt, in_tool=in_tool)
     finish, count = "length", 0
     try:
         async with contextlib.aclosing(engine.tokens(job)) as tokens:
@@ -189,9 +208,10 @@ def create_app(served: Served) -> FastAPI:
         return {"object": "list", "data": [{"id": served.name, "object": "model", "created": now(),
                                             "owned_by": "phiedge"}]}
 
-    async def answer(http: Request, request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape):
+    async def answer(http: Request, request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape,
+                     in_tool: bool = False):
         """The non-streamed response, or the stream; errors before the first token are plain responses."""
-        events = generation(served, http, prompt_ids, request, max_tokens, guidance)
+        events = generation(served, http, prompt_ids, request, max_tokens, guidance, in_tool)
         if not request.stream:
             return shape(await collect(events))
         first = await anext(events)  # the queue and the context cap answer before any byte is streamed
@@ -204,13 +224,13 @@ def create_app(served: Served) -> FastAPI:
             check_sampling(request, served)
             if not request.messages:
                 raise ServeRequestError("messages is empty")
-            if request.tool_choice not in (None, "auto", "none"):
-                raise ServeRequestError("tool_choice other than 'auto' or 'none' is not served")
             tools = None if request.tool_choice == "none" else request.tools
+            forced = forced_tools(tools, request.tool_choice)
             prompt = served.engine.render(template_messages(request.messages, tools, served.fmt))
-            return await answer(http, request, served.engine.encode(prompt),
+            return await answer(http, request, served.engine.encode(prompt + (TOOL_CALL if forced else "")),
                                 request.max_completion_tokens or request.max_tokens,
-                                guidance_of(request, served.engine), ChatShape(served.name))
+                                guidance_of(request, served.engine, forced),
+                                ChatShape(served.name, request.usage_chunk()), in_tool=bool(forced))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
@@ -223,7 +243,7 @@ def create_app(served: Served) -> FastAPI:
             if len(prompts) != 1:
                 raise ServeRequestError("one prompt per request is served")
             return await answer(http, request, served.engine.encode(prompts[0]), request.max_tokens, None,
-                                CompletionShape(served.name, prompts[0] if request.echo else ""))
+                                CompletionShape(served.name, prompts[0] if request.echo else "", request.usage_chunk()))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
@@ -251,6 +271,7 @@ class Authorize:
 @dataclass
 class ChatShape:
     model: str
+    usage_chunk: bool = False  # stream_options.include_usage: every chunk says usage null, a last one carries it
 
     def __post_init__(self):
         self.id, self.created = response_id("chatcmpl"), now()
@@ -262,9 +283,11 @@ class ChatShape:
         return {**self.head(), "object": "chat.completion", "usage": reply.usage.model_dump(),
                 "choices": [{"index": 0, "message": chat_message(reply), "finish_reason": reply.finish_reason}]}
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
-        return {**self.head(), "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    def chunk(self, delta: dict | None, finish: str | None = None, usage: Usage | None = None) -> dict:
+        """A stream chunk; with no delta, the usage chunk (no choices)."""
+        out = {**self.head(), "object": "chat.completion.chunk",
+               "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return {**out, "usage": usage and usage.model_dump()} if self.usage_chunk else out
 
     async def stream(self, first, events: AsyncIterator) -> AsyncIterator[str]:
         yield sse(self.chunk({"role": "assistant", "content": ""}))
@@ -275,7 +298,9 @@ class ChatShape:
                     if event.tool_calls:
                         yield sse(self.chunk({"tool_calls": [{"index": i, **c.model_dump()}
                                                              for i, c in enumerate(event.tool_calls)]}))
-                    yield sse({**self.chunk({}, event.finish_reason), "usage": event.usage.model_dump()})
+                    yield sse(self.chunk({}, event.finish_reason))
+                    if self.usage_chunk:
+                        yield sse(self.chunk(None, usage=event.usage))
                     break
                 kind, text = event
                 yield sse(self.chunk({"reasoning_content" if kind == "reasoning" else "content": text}))
@@ -287,13 +312,16 @@ class ChatShape:
 class CompletionShape:
     model: str
     echo: str = ""
+    usage_chunk: bool = False  # as ChatShape's
 
     def __post_init__(self):
         self.id, self.created = response_id("cmpl"), now()
 
-    def body(self, text: str, finish: str | None, usage: Usage | None = None) -> dict:
+    def body(self, text: str | None, finish: str | None, usage: Usage | None = None) -> dict:
+        """A response or a stream chunk; with no text, the usage chunk (no choices)."""
         out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-               "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+               "choices": [] if text is None else [{"index": 0, "text": text, "finish_reason": finish,
+                                                     "logprobs": None}]}
         return {**out, "usage": usage.model_dump()} if usage else out
 
     def __call__(self, reply: Reply) -> dict:
@@ -307,5 +335,7 @@ class CompletionShape:
             while not isinstance(event, Reply):
                 yield sse(self.body(event[1], None))
                 event = await anext(events)
-            yield sse(self.body("", event.finish_reason, event.usage))
+            yield sse(self.body("", event.finish_reason))
+            if self.usage_chunk:
+                yield sse(self.body(None, None, event.usage))
         yield sse("[DONE]")

@@ -6,7 +6,8 @@ its special tokens have Phi-4-mini's `<|tool_call|>`, whose template puts the to
 between `<|tool|>` and `<|/tool|>` and whose model answers `<|tool_call|>[{"name": ..., "arguments": {...}}]
 <|/tool_call|>`; tool results go back as `<|tool_response|>` turns (the template writes a message's role as
 `<|role|>`). Reasoning where the variant thinks aloud (`thinks` in variants/*.yaml): the text between `<think>`
-and `</think>` is the reply's reasoning_content.
+and `</think>` is the reply's reasoning_content. A forced tool choice (`required`, or one named function) starts
+the reply inside `<|tool_call|>` and constrains it to the JSON of calls to the allowed tools (`call_schema`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from phiedge.serve.protocol import CalledFunction, Message, Tool, ToolCall
 
 TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
 THINK, THINK_END = "<think>", "</think>"
+# llguidance's options for a JSON schema: spaced as json.dumps spaces it (as the history's calls are rendered), with
+# no free whitespace, which a model could otherwise write until max_tokens. A schema's own x-guidance wins.
+COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
 TOOL_ROLE = "tool_response"  # the Phi-4-mini turn a tool's result goes back in
 
 
@@ -58,6 +62,35 @@ def template_messages(messages: list[Message], tools: list[Tool] | None, fmt: Fo
             out.insert(0, {"role": "system", "content": ""})
         out[0]["tools"] = listed
     return out
+
+
+def forced_tools(tools: list[Tool] | None, choice: str | dict | None) -> list[Tool] | None:
+    """The tools the reply must call (tool_choice `required`, or {"type": "function", "function": {"name": ...}}),
+    or None where the model may answer in text."""
+    if choice in (None, "auto", "none"):
+        return None
+    if not tools:
+        raise ServeRequestError("tool_choice other than 'auto' or 'none' needs tools")
+    if choice == "required":
+        return tools
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
+        raise ServeRequestError(f"tool_choice {choice!r} is not 'none', 'auto', 'required' or a named function")
+    named = [t for t in tools if t.function.name == name]
+    if not named:
+        raise ServeRequestError(f"tool_choice names {name!r}, which is not among the request's tools")
+    return named
+
+
+def call_schema(tools: list[Tool], one: bool) -> dict:
+    """The JSON schema of what Phi-4-mini writes inside `<|tool_call|>`: a list of {name, arguments}, each name one of
+    the tools' and its arguments that tool's parameters; one call when a single function was named or parallel calls
+    are off."""
+    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                               "arguments": t.function.parameters or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
+            **({"maxItems": 1} if one else {})}
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:

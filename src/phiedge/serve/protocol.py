@@ -1,7 +1,7 @@
 """The OpenAI API's request and response shapes that `phiedge serve` speaks (chat completions, completions,
-models), as pydantic models. Requests ignore fields the server does not act on (`user`, `stream_options`, ...),
+models), as pydantic models. Requests ignore fields the server does not act on (`user`, `metadata`, ...),
 as OpenAI's own server does for fields it does not know; fields that would change the answer and are not
-supported are refused by the server with a 400 (`n` above 1, logprobs, a forced tool choice)."""
+supported are refused by the server with a 400 (`n` above 1, logprobs)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,10 @@ class ResponseFormat(Loose):
     json_schema: JsonSchema | None = None
 
 
+class StreamOptions(Loose):
+    include_usage: bool = False  # a last chunk, with no choices, carries the usage
+
+
 class Sampling(Loose):
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -75,10 +79,14 @@ class Sampling(Loose):
     stop: str | list[str] | None = None
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     logprobs: bool | int | None = None
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop or [] if s]
+
+    def usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class ChatRequest(Sampling):
@@ -86,6 +94,7 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
 
 
