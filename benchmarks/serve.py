@@ -7,10 +7,13 @@ time to first token, and throughput with 1, 4 and 16 concurrent clients.
 The server (`phiedge serve`, its own process, 127.0.0.1) and the in-process loop (the bundled generate.py's
 `generate`, greedy) get the same chat prompt and the same number of new tokens, one after the other in each
 repetition (alternating which goes first), so a change in the machine's load hits both; the ratio is taken
-within a repetition and reported as median (min-max). Decode rate: tokens after the first over the time after
-the first (the server's: content chunks of its SSE stream as the client receives them). Time to first token:
-from sending the request (in-process: from calling the loop) to the first token. Throughput: C clients at
-once, each sending `--requests` non-streamed requests; completion tokens over wall time.
+within a repetition and reported as median (min-max). Both sides are timed by the text a client sees: the
+first token that decodes to text (a token the stream decodes to nothing, as a synth checkpoint's ids past its
+tokenizer's vocabulary do, sends no SSE event), the same token on both sides as decoding is greedy. Time to
+first token: from sending the request (in-process: from calling the loop) to that token. Decode rate: the
+tokens after it over the time after it (the server's: up to the chunk with finish_reason, as the client receives
+them). Throughput: C clients at once, each sending `--requests` non-streamed requests; completion tokens over
+wall time.
 """
 
 from __future__ import annotations
@@ -56,24 +59,31 @@ def start_server(model_dir: Path, port: int) -> subprocess.Popen:
     sys.exit("the server did not answer within 120 s")
 
 
-def direct(model, tokenizer, n: int) -> tuple[float, float, int]:
-    """(time to first token, decode tokens/s, tokens) of the in-process loop."""
+def direct(model, tokenizer, n: int) -> tuple[float, float, int, int]:
+    """(time to first text, decode tokens/s after it, tokens, tokens before it) of the in-process loop."""
     ids = list(tokenizer.encode(tokenizer.apply_chat_template(json.dumps(PROMPT), add_generation_prompt=True)))
     eos = {int(i) for i in tokenizer.eos_token_ids}
-    start, first, count = time.perf_counter(), None, 0
+    decoder = tokenizer.create_stream()
+    start, first, count, silent = time.perf_counter(), None, 0, 0
     for token in generate(model, ids, n):
         if token in eos:
             break
         count += 1
         if first is None:
-            first = time.perf_counter()
+            if decoder.decode(token):
+                first = time.perf_counter()
+            else:
+                silent += 1
     end = time.perf_counter()
-    return first - start, (count - 1) / (end - first), count
+    if first is None or count - silent < 2:
+        sys.exit("the model's greedy reply had no text to time: use a checkpoint whose greedy tokens decode to text")
+    return first - start, (count - silent - 1) / (end - first), count, silent
 
 
-def streamed(url: str, n: int) -> tuple[float, float, int]:
+def streamed(url: str, n: int, silent: int) -> tuple[float, float, int]:
     """The same through the server's SSE stream, as a client receives it: the first token is the first chunk
-    with text, the last the chunk with finish_reason; the count is the usage the server sends after it."""
+    with text, the last the chunk with finish_reason; the count is the usage the server sends after it, less the
+    `silent` tokens before the first text (the in-process loop's count: the same greedy tokens)."""
     body = {"model": NAME, "messages": PROMPT, "max_tokens": n, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     start, first, last, count = time.perf_counter(), None, None, 0
@@ -90,7 +100,7 @@ def streamed(url: str, n: int) -> tuple[float, float, int]:
                 last = time.perf_counter()
     if first is None or last <= first:
         sys.exit("the server's reply had no text to time: use a checkpoint whose greedy tokens decode to text")
-    return first - start, (count - 1) / (last - first), count
+    return first - start, (count - silent - 1) / (last - first), count
 
 
 def throughput(url: str, clients: int, requests: int, n: int) -> dict:
@@ -128,11 +138,12 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     try:
         model, tokenizer = load(args.model_dir)
-        direct(model, tokenizer, 8), streamed(url, 8)  # warm-up
+        silent = direct(model, tokenizer, args.tokens)[3]  # warm-up, and the tokens before the first text
+        streamed(url, args.tokens, silent)
         rows = []
         for rep in range(args.repetitions):
             order = ("direct", "server") if rep % 2 == 0 else ("server", "direct")
-            got = {k: direct(model, tokenizer, args.tokens) if k == "direct" else streamed(url, args.tokens)
+            got = {k: direct(model, tokenizer, args.tokens)[:3] if k == "direct" else streamed(url, args.tokens, silent)
                    for k in order}
             rows.append({"repetition": rep, **{f"{k}_{m}": v for k, (ttft, rate, n) in got.items()
                                                for m, v in (("ttft_s", ttft), ("tg_per_s", rate), ("tokens", n))},
