@@ -141,7 +141,7 @@ def test_a_forced_tool_call_comes_back_to_the_client_as_tool_calls(server):
     c = client(server)
     messages = [{"role": "user", "content": "Weather in Paris for three days?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    reply = c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+    reply = c.chat.completions.create(model=NAME, messages=messages, max_tokens=160, temperature=0,
                                       tools=[WEATHER, CLOCK], tool_choice=named)
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -149,12 +149,12 @@ def test_a_forced_tool_call_comes_back_to_the_client_as_tool_calls(server):
     arguments = json.loads(call.function.arguments)
     assert call.function.name == "get_weather" and arguments["city"] in ("Paris", "Oslo")
     assert 1 <= arguments["days"] <= 7 and set(arguments) == {"city", "days"}
-    streamed = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+    streamed = list(c.chat.completions.create(model=NAME, messages=messages, max_tokens=160, temperature=0,
                                               tools=[WEATHER, CLOCK], tool_choice=named, stream=True))
     [delta] = [d for ch in streamed if ch.choices for d in ch.choices[0].delta.tool_calls or []]
     assert (delta.function.name, delta.function.arguments) == (call.function.name, call.function.arguments)
     assert streamed[-1].choices[0].finish_reason == "tool_calls"
-    required = c.chat.completions.create(model=NAME, messages=messages, max_tokens=64, temperature=0,
+    required = c.chat.completions.create(model=NAME, messages=messages, max_tokens=160, temperature=0,
                                          tools=[WEATHER, CLOCK], tool_choice="required", parallel_tool_calls=False)
     assert [t.function.name in ("get_weather", "get_time") for t in required.choices[0].message.tool_calls] == [True]
     history = [*messages, choice.message.model_dump(exclude_none=True),
@@ -164,6 +164,16 @@ def test_a_forced_tool_call_comes_back_to_the_client_as_tool_calls(server):
     with pytest.raises(openai.BadRequestError, match="'get_news', which is not among the request's tools"):
         c.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER],
                                   tool_choice={"type": "function", "function": {"name": "get_news"}})
+    unit = {"type": "function", "function": {"name": "set_unit", "parameters": {  # as pydantic writes a schema
+        "$defs": {"Unit": {"enum": ["C", "F"]}}, "type": "object", "properties": {"unit": {"$ref": "#/$defs/Unit"}},
+        "required": ["unit"], "additionalProperties": False}}}
+    answer = c.chat.completions.create(model=NAME, messages=messages, max_tokens=160, temperature=0, tools=[unit],
+                                       tool_choice="required", parallel_tool_calls=False).choices[0].message
+    assert answer.tool_calls, answer.content
+    assert json.loads(answer.tool_calls[0].function.arguments)["unit"] in ("C", "F")
+    dangling = {"type": "function", "function": {"name": "f", "parameters": {"$ref": "#/$defs/Missing"}}}
+    with pytest.raises(openai.BadRequestError, match="the schema cannot constrain decoding"):
+        c.chat.completions.create(model=NAME, messages=messages, tools=[dangling], tool_choice="required")
     with pytest.raises(openai.BadRequestError, match="cannot be combined"):
         c.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER], tool_choice="required",
                                   response_format={"type": "json_object"})
@@ -183,6 +193,7 @@ def test_a_stream_carries_usage_only_when_asked(server):
     done = list(c.completions.create(model=NAME, prompt="def main():", max_tokens=5, temperature=0, stream=True,
                                      stream_options={"include_usage": True}))
     assert done[-1].choices == [] and done[-1].usage.completion_tokens == 5
+    assert all(ch.usage is None and ch.choices for ch in done[:-1])
 
 
 def test_a_reasoning_models_think_block_is_its_reasoning_content(thinking_server):
@@ -199,7 +210,8 @@ def test_a_reasoning_models_think_block_is_its_reasoning_content(thinking_server
     assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == "return"
     assert "".join(d.content or "" for d in deltas) == "import"
     short = c.chat.completions.create(model=NAME, messages=messages, max_tokens=2, temperature=0)
-    assert short.choices[0].message.model_extra["reasoning_content"] == "return" and not short.choices[0].message.content
+    thought = short.choices[0].message
+    assert thought.model_extra["reasoning_content"] == "return" and not thought.content
 
 
 def test_json_output_is_constrained(server):

@@ -67,15 +67,20 @@ def guidance_of(request: ChatRequest, engine: Engine, forced) -> tuple[str, str]
         what = "response_format" if constrained else "tool_choice other than 'auto' or 'none'"
         raise ServeRequestError(f"{what} needs constrained decoding, which this onnxruntime-genai build lacks")
     if forced:
-        one = request.tool_choice != "required" or not request.parallel_tool_calls
-        return "json_schema", json.dumps({**COMPACT, **call_schema(forced, one)})
+        one = request.tool_choice != "required" or request.parallel_tool_calls is False
+        return "json_schema", compact(call_schema(forced, one))
     if not constrained:
         return None
     if fmt.type == "json_object":
-        return "json_schema", json.dumps({**COMPACT, "type": "object"})
+        return "json_schema", compact({"type": "object"})
     if fmt.json_schema is None or not fmt.json_schema.schema_:
         raise ServeRequestError("response_format json_schema needs json_schema.schema")
-    return "json_schema", json.dumps({**COMPACT, **fmt.json_schema.schema_})
+    return "json_schema", compact(fmt.json_schema.schema_)
+
+
+def compact(schema: dict) -> str:
+    """The schema with llguidance's COMPACT options under any x-guidance options of its own."""
+    return json.dumps({**schema, "x-guidance": {**COMPACT, **schema.get("x-guidance", {})}})
 
 
 async def parse(request: Request, model: type[BaseModel]):
@@ -322,7 +327,7 @@ class CompletionShape:
         out = {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                "choices": [] if text is None else [{"index": 0, "text": text, "finish_reason": finish,
                                                      "logprobs": None}]}
-        return {**out, "usage": usage.model_dump()} if usage else out
+        return {**out, "usage": usage and usage.model_dump()} if usage or self.usage_chunk else out
 
     def __call__(self, reply: Reply) -> dict:
         return self.body(self.echo + reply.content, reply.finish_reason, reply.usage)

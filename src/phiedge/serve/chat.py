@@ -23,7 +23,7 @@ TOOL_CALL, TOOL_CALL_END = "<|tool_call|>", "<|/tool_call|>"
 THINK, THINK_END = "<think>", "</think>"
 # llguidance's options for a JSON schema: spaced as json.dumps spaces it (as the history's calls are rendered), with
 # no free whitespace, which a model could otherwise write until max_tokens. A schema's own x-guidance wins.
-COMPACT = {"x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}}
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 TOOL_ROLE = "tool_response"  # the Phi-4-mini turn a tool's result goes back in
 
 
@@ -73,7 +73,8 @@ def forced_tools(tools: list[Tool] | None, choice: str | dict | None) -> list[To
         raise ServeRequestError("tool_choice other than 'auto' or 'none' needs tools")
     if choice == "required":
         return tools
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
     if not isinstance(name, str):
         raise ServeRequestError(f"tool_choice {choice!r} is not 'none', 'auto', 'required' or a named function")
     named = [t for t in tools if t.function.name == name]
@@ -86,11 +87,33 @@ def call_schema(tools: list[Tool], one: bool) -> dict:
     """The JSON schema of what Phi-4-mini writes inside `<|tool_call|>`: a list of {name, arguments}, each name one of
     the tools' and its arguments that tool's parameters; one call when a single function was named or parallel calls
     are off."""
-    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                               "arguments": t.function.parameters or {"type": "object"}},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    calls, defs = [], {}
+    for i, t in enumerate(tools):
+        parameters, own = hoisted(t.function.parameters or {"type": "object"}, f"tool{i}_")
+        defs.update(own)
+        calls.append({"type": "object", "properties": {"name": {"const": t.function.name}, "arguments": parameters},
+                      "required": ["name", "arguments"], "additionalProperties": False})
     return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1,
-            **({"maxItems": 1} if one else {})}
+            **({"maxItems": 1} if one else {}), **({"$defs": defs} if defs else {})}
+
+
+def hoisted(schema: dict, prefix: str) -> tuple[dict, dict]:
+    """A tool's parameters schema without its own `$defs` (or `definitions`), which move to the top of the calls'
+    schema under prefixed names, its `$ref`s rewritten to them: a `#/...` reference is read from the top."""
+    defs = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions") or node is not schema}
+            ref = out.get("$ref")
+            if isinstance(ref, str):
+                for root in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(root) and ref[len(root):] in defs:
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(root):]}"
+            return out
+        return [rewrite(v) for v in node] if isinstance(node, list) else node
+
+    return rewrite(schema), {f"{prefix}{name}": rewrite(d) for name, d in defs.items()}
 
 
 def parse_tool_calls(text: str) -> list[ToolCall]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phiedge.bundle.model_safety import load
-from phiedge.errors import ServerBusy
+from phiedge.errors import ServerBusy, ServeRequestError
 
 DONE = object()  # the end of a job's tokens
 
@@ -105,9 +105,14 @@ class Engine:
         if job.seed is not None:
             options["random_seed"] = job.seed
         params.set_search_options(**options)
-        if job.guidance:
-            params.set_guidance(*job.guidance)
-        generator = og.Generator(self.model, params)
+        try:  # llguidance compiles the grammar here: a schema it cannot take is the request's fault (400)
+            if job.guidance:
+                params.set_guidance(*job.guidance)
+            generator = og.Generator(self.model, params)
+        except Exception as exc:  # onnxruntime-genai raises a plain RuntimeError
+            if not job.guidance:
+                raise
+            raise ServeRequestError(f"the schema cannot constrain decoding: {str(exc).splitlines()[0][:300]}") from None
         generator.append_tokens(job.prompt_ids)
         while not generator.is_done() and not job.cancelled.is_set():
             generator.generate_next_token()
