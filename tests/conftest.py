@@ -80,6 +80,9 @@ def trained(tmp_path_factory) -> str:
     return str(once(tmp_path_factory, "trained", lambda path: train(path, steps=TRAIN_STEPS)))
 
 
+THINKING = ["<|im_sep|>", "<think>", "return", "</think>", "import", "<|im_end|>"]  # the prompt's last token first
+
+
 @pytest.fixture(scope="session")
 def thinking(tmp_path_factory) -> Path:
     """An fp32 build of a Phi-4-reasoning-shaped checkpoint whose weights script its greedy reply: a <think> block,
@@ -93,9 +96,6 @@ def thinking(tmp_path_factory) -> Path:
         build(str(source), "cpu", out, BuildOptions(precision="fp32"))
 
     return once(tmp_path_factory, "builds/thinking-fp32", make)
-
-
-THINKING = ["<|im_sep|>", "<think>", "return", "</think>", "import", "<|im_end|>"]  # the prompt's last token first
 
 
 @pytest.fixture(scope="session")

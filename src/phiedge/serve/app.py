@@ -24,12 +24,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from phiedge.errors import ServerBusy, ServeRequestError
 from phiedge.serve.chat import (
-    COMPACT,
     TOOL_CALL,
     TOOL_CALL_END,
     Format,
     Splitter,
     call_schema,
+    compact,
     forced_tools,
     template_messages,
 )
@@ -76,11 +76,6 @@ def guidance_of(request: ChatRequest, engine: Engine, forced) -> tuple[str, str]
     if fmt.json_schema is None or not fmt.json_schema.schema_:
         raise ServeRequestError("response_format json_schema needs json_schema.schema")
     return "json_schema", compact(fmt.json_schema.schema_)
-
-
-def compact(schema: dict) -> str:
-    """The schema with llguidance's COMPACT options under any x-guidance options of its own."""
-    return json.dumps({**schema, "x-guidance": {**COMPACT, **schema.get("x-guidance", {})}})
 
 
 async def parse(request: Request, model: type[BaseModel]):

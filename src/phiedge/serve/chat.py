@@ -116,6 +116,11 @@ def hoisted(schema: dict, prefix: str) -> tuple[dict, dict]:
     return rewrite(schema), {f"{prefix}{name}": rewrite(d) for name, d in defs.items()}
 
 
+def compact(schema: dict) -> str:
+    """The schema as onnxruntime-genai's guidance takes it, with COMPACT under any x-guidance options of its own."""
+    return json.dumps({**schema, "x-guidance": {**COMPACT, **schema.get("x-guidance", {})}})
+
+
 def parse_tool_calls(text: str) -> list[ToolCall]:
     """The calls in the text of one `<|tool_call|>...<|/tool_call|>`: a JSON list of {name, arguments}, or one."""
     try:
