@@ -13,6 +13,7 @@ from scripted import script
 
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
+from phiedge.checkpoints.lora_train import train_lora
 from phiedge.checkpoints.synth import Shrink, synth
 from phiedge.checkpoints.train import train
 
@@ -78,6 +79,23 @@ def checkpoints(tmp_path_factory) -> dict:
 def trained(tmp_path_factory) -> str:
     """A Phi-4-mini-shaped model trained here on stdlib source: quality numbers mean something on it."""
     return str(once(tmp_path_factory, "trained", lambda path: train(path, steps=TRAIN_STEPS)))
+
+
+ADAPTERS = ("email", "asyncio")  # LoRA adapters of the trained model, each on the stdlib package of its name
+
+
+@pytest.fixture(scope="session")
+def adapters(tmp_path_factory, trained) -> dict[str, Path]:
+    """PEFT LoRA adapters of the trained model (rank 8 on every linear layer), fine-tuned here on one package each."""
+    return {name: once(tmp_path_factory, f"adapters/{name}", lambda path, name=name: train_lora(trained, path, name))
+            for name in ADAPTERS}
+
+
+@pytest.fixture(scope="session")
+def lora_build(tmp_path_factory, trained, adapters) -> Path:
+    """The trained model's int4 cpu build with both adapters (built and validated with them)."""
+    options = BuildOptions(adapters=tuple((name, str(path)) for name, path in adapters.items()))
+    return once(tmp_path_factory, "builds/trained-int4-cpu-lora", lambda out: build(trained, "cpu", out, options))
 
 
 THINKING = ["<|im_sep|>", "<think>", "return", "</think>", "import", "<|im_end|>"]  # the prompt's last token first

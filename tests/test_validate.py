@@ -364,7 +364,8 @@ def test_a_wrong_logits_width_fails_in_one_line(monkeypatch, width):
     def reference(input_ids):
         return types.SimpleNamespace(logits=torch.zeros(1, input_ids.shape[1], 2048))
 
-    monkeypatch.setattr(v, "built_logits", lambda model, ids, every: np.zeros((len(ids), width), np.float32))
+    monkeypatch.setattr(v, "built_logits",
+                        lambda model, ids, every, adapter=None: np.zeros((len(ids), width), np.float32))
     with pytest.raises(ValidationFailed) as err:
         v.distribution_metrics(None, reference, list(range(40)), 16, True)
     assert str(err.value) == f"the built model's logits are {width} wide, the reference's 2048: not the same vocabulary"
@@ -373,9 +374,10 @@ def test_a_wrong_logits_width_fails_in_one_line(monkeypatch, width):
 def test_a_wrong_logits_width_through_the_cli(builds, trained, runner, short_text, monkeypatch):
     from phiedge.checks import validate as v
 
+    built = builds("trained", "fp32")  # built before the patch, which would fail the build's own validation
     real = v.built_logits
     monkeypatch.setattr(v, "built_logits", lambda *args: np.pad(real(*args), ((0, 0), (0, 64))))
-    result = runner.invoke(cli, ["validate", str(builds("trained", "fp32")), "--reference", trained,
+    result = runner.invoke(cli, ["validate", str(built), "--reference", trained,
                                  "--text", str(short_text)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1] == ("Error: the built model's logits are 4160 wide, the "

@@ -117,6 +117,23 @@ class Checks(Closed):
     memory: dict[str, Any] | None = None
 
 
+class AdapterEntry(Closed):
+    """One LoRA adapter of a build (build/lora_graph.py): its file in the model folder, where it came from, its
+    layout (shared by every adapter of the build), and its validation against transformers with PEFT."""
+
+    name: StrictStr
+    file: StrictStr  # NAME.onnx_adapter, beside the model
+    size_bytes: StrictInt
+    sha256: StrictStr
+    source: StrictStr  # the PEFT folder it was made from
+    rank: StrictInt
+    alpha: float
+    scaling: float
+    modules: list[StrictStr]
+    matrices: StrictInt
+    validation: dict[str, Any] | None = None
+
+
 class BuildRecord(Lenient):
     phiedge_version: str
     target: str
@@ -133,6 +150,7 @@ class BuildRecord(Lenient):
     files: list[str] = []
     size_bytes: int | None = None
     weights: dict[str, Any] | None = None
+    adapters: list[AdapterEntry] = []
     versions: dict[str, str]
 
 
@@ -206,6 +224,7 @@ class Manifest(Closed):
     min_runtime: MinRuntime
     validation: dict[str, Any] | None = None
     checks: Checks | None = None
+    adapters: dict[StrictStr, dict[str, Any]] | None = None  # LoRA adapter name -> its file (in files), layout, numbers
     files: dict[str, FileEntry]
 
     @field_validator("model_dir")
@@ -418,6 +437,8 @@ class BenchRecord(Lenient):
     n_prompt: int | None = None
     n_gen: int | None = None
     n_depth: int | None = None
+    adapter: str | None = None  # the LoRA adapter active, None for the base
+    adapter_load_ms: float | None = None
     avg_ts: float
     stddev_ts: float | None = None
     samples_ts: list[float] = []

@@ -23,13 +23,14 @@ from phiedge.bundle.model_safety import check_model_folder
 from phiedge.bundle.package import archive_path, package
 from phiedge.bundle.signing import keygen, load_public, load_secret
 from phiedge.bundle.verify import verify, verify_dir
-from phiedge.checkpoints import hub
+from phiedge.checkpoints import hub, lora
+from phiedge.checkpoints.lora_train import train_lora
 from phiedge.checkpoints.synth import Shrink
 from phiedge.checkpoints.synth import synth as make_checkpoint
 from phiedge.checkpoints.train import train as run_train
 from phiedge.checks.validate import raise_on_failure, raise_unless_enforced, summary_lines, validate_build
 from phiedge.demo import demo
-from phiedge.errors import PhiedgeError, Terminated
+from phiedge.errors import ModelError, PhiedgeError, Terminated
 from phiedge.models import recommend as recommend_variant
 from phiedge.models import rows as variant_rows
 from phiedge.progress import Progress
@@ -94,6 +95,14 @@ MODEL_HELP = ("Hugging Face checkpoint: a folder, or a hub id (OWNER/NAME) or ca
               "fetched into the Hugging Face cache; the build record names the hub commit.")
 THRESHOLD_HELP = ("Override a validation threshold, e.g. kl_mean=1e-3 (kl_mean, kl_p99, top1, ppl_ratio, greedy; "
                   "dequantized.logits_rel_rms for the check against the dequantized weights).")
+
+
+def parse_adapter(spec: str) -> tuple[str, str]:
+    try:
+        name, folder = lora.parse_spec(spec)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--adapter "), param_hint="--adapter") from None
+    return name, str(folder)
 
 
 def emit(data, as_json: bool, text: str) -> None:
@@ -176,15 +185,28 @@ def synth_command(like, out, layers, heads, kv_heads, intermediate, vocab, seed,
 @cli.command("train")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Checkpoint folder to write.")
 @click.option("--like", default="phi-4-mini", show_default=True, help="Variant whose architecture to copy.")
-@click.option("--steps", type=int, default=600, show_default=True, help="Optimizer steps (16 x 128 tokens each).")
+@click.option("--steps", type=int, default=None,
+              help="Optimizer steps (a model: 600 of 16 x 128 tokens; --lora: 60 of 8 x 128).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights and batches.")
+@click.option("--lora", "lora_base", type=click.Path(), default=None, metavar="CHECKPOINT",
+              help="Train a PEFT LoRA adapter of this checkpoint instead (on --package), written to -o.")
+@click.option("--package", default="email", show_default=True,
+              help="--lora: the standard library package to fine-tune on (every 10th module held out).")
+@click.option("--rank", type=int, default=8, show_default=True, help="--lora: the adapter's rank (lora_alpha 2x).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def train_command(out, like, steps, seed, force):
-    """Train a small Phi-shaped model on the Python standard library (minutes on 2 cores)."""
-    if steps < 1:
+def train_command(out, like, steps, seed, lora_base, package, rank, force):
+    """Train a small Phi-shaped model on the Python standard library (minutes on 2 cores), or a LoRA adapter
+    of a checkpoint on one of its packages."""
+    if steps is not None and steps < 1:
         raise click.BadParameter("must be at least 1", param_hint="--steps")
-    click.echo(json.dumps(run_train(out, like, steps=steps, seed=seed, force=force,
-                                    progress=Progress().iterate), indent=2))
+    if rank < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--rank")
+    if lora_base is not None:
+        result = train_lora(lora_base, out, package, rank=rank, alpha=2 * rank, steps=steps or 60, seed=seed,
+                            force=force, progress=Progress().iterate)
+    else:
+        result = run_train(out, like, steps=steps or 600, seed=seed, force=force, progress=Progress().iterate)
+    click.echo(json.dumps(result, indent=2))
 
 
 @cli.command("build")
@@ -231,6 +253,9 @@ def train_command(out, like, steps, seed, force):
 @click.option("--recipe", default=None, help="Another Olive workflow under recipes/, e.g. cpu-gptq.")
 @click.option("--calibration", type=click.Path(), default=None,
               help="Calibration text for --calibrate and calibrated recipes (default: Python stdlib source).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PEFT_DIR",
+              help="A PEFT LoRA adapter to build beside the model as NAME.onnx_adapter (repeatable; every adapter "
+                   "must adapt the same matrices at the same rank), validated against transformers with PEFT.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison with the checkpoint in transformers.")
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the Olive config that would run, and do nothing else.")
@@ -240,7 +265,7 @@ def train_command(out, like, steps, seed, force):
 def build_command(target_name, all_targets, model_dir, revision, out, precision, block_size, accuracy_level,
                   symmetric, algorithm, shared_embeddings, float_nodes, int4_method, embeddings, lm_head_bits,
                   eight_bit_rows, quantizer, eight_bit, calibrate, context_cap, threads, recipe, calibration,
-                  no_validate, thresholds, dry_run, no_bench, force, quiet):
+                  adapters, no_validate, thresholds, dry_run, no_bench, force, quiet):
     """Export and quantize a checkpoint for a target through its Olive recipe, then check the result."""
     if quiet:
         hub.quiet()
@@ -252,7 +277,7 @@ def build_command(target_name, all_targets, model_dir, revision, out, precision,
                                   eight_bit=list(eight_bit) or None).items() if v is not None}
     options = BuildOptions(precision=precision, int4=int4, context_cap=context_cap, threads=threads, recipe=recipe,
                            calibration=calibration, validate=not no_validate, thresholds=parse_thresholds(thresholds),
-                           revision=revision)
+                           revision=revision, adapters=tuple(map(parse_adapter, adapters)))
     if bool(target_name) == all_targets:
         raise click.UsageError("Give --target NAME[,NAME...] or --all-targets.")
     names = None if all_targets else [t.strip() for t in target_name.split(",") if t.strip()]
@@ -294,8 +319,10 @@ def fetch_command(model, out, revision):
 @click.option("--threshold", "thresholds", multiple=True, metavar="NAME=VALUE", help=THRESHOLD_HELP)
 @click.option("--text", "text_file", type=click.Path(), default=None,
               help="Evaluation text file (default: held-out Python standard library source).")
+@click.option("--adapter", default=None, metavar="NAME",
+              help="With the build's LoRA adapter NAME active, against the checkpoint with its PEFT folder applied.")
 @click.option("--json", "json_file", type=click.Path(), default=None, help="Also write the full report here.")
-def validate_command(model_dir, reference, target_name, precision, thresholds, text_file, json_file):
+def validate_command(model_dir, reference, target_name, precision, thresholds, text_file, adapter, json_file):
     """Compare a built model with its original checkpoint.
 
     Exit status: 0 when the target's thresholds for the precision were enforced and met; 1 when one was
@@ -303,7 +330,8 @@ def validate_command(model_dir, reference, target_name, precision, thresholds, t
     no thresholds for the precision or the reference holds phiedge synth's random weights and the build
     is quantized: the numbers are printed and the verdict says NOT ENFORCED, but nothing was checked.
     """
-    report = validate_build(model_dir, reference, target_name, precision, parse_thresholds(thresholds), text_file)
+    report = validate_build(model_dir, reference, target_name, precision, parse_thresholds(thresholds), text_file,
+                            adapter)
     if json_file:
         Path(json_file).write_text(json.dumps(report, indent=2) + "\n")
     click.echo("\n".join(summary_lines(report)))
@@ -350,7 +378,7 @@ def verify_command(bundle, no_load, trust):
 @click.argument("generate_args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
 def run_command(path, generate_args, trust):
-    """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, ...)."""
+    """Generate with a bundle or built model folder; options as the bundled generate.py (--prompt, --chat, --adapter NAME, ...)."""
     key = load_public(trust) if trust else None
     with opened(path) as bundle:
         if bundle.is_bundle or key:
@@ -402,8 +430,11 @@ def int_list(ctx, param, value: str) -> list[int]:
 @click.option("--compare", "old", type=click.Path(), default=None, help="Earlier run (jsonl): print ratios to it.")
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), default=None,
               help="Also draw tokens/s per test to this PNG (needs matplotlib).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME",
+              help="Also run every test with this LoRA adapter active, interleaved with the base (repeatable).")
 @click.option("--trust", default=None, envvar="PHIEDGE_TRUST", help=TRUST_HELP)
-def bench_command(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, trust):
+def bench_command(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, threads, fmt, old, plot_file, adapters,
+                  trust):
     """Prompt-processing (pp) and generation (tg) speed of a model folder or bundle, llama-bench style."""
     tests = plan_tests(prompt_tokens, gen_tokens, depth)
     key = load_public(trust) if trust else None
@@ -411,7 +442,7 @@ def bench_command(path, prompt_tokens, gen_tokens, depth, repetitions, warmup, t
         if key:
             verify_dir(bundle, load=False, trust=key)
         records = bench(bundle, tests, repetitions, warmup, threads,
-                            progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True))
+                        progress=lambda name: click.echo(f"[phiedge] bench {name}", err=True), adapters=list(adapters))
     click.echo(render(records, fmt))
     if plot_file:
 

@@ -21,6 +21,7 @@ import numpy as np
 from phiedge import __version__
 from phiedge.artifacts import ModelFolder, Opened
 from phiedge.bundle import model_safety
+from phiedge.bundle.generate import adapter_files, load_adapter
 from phiedge.errors import BenchError
 from phiedge.schema import PROVIDERS
 
@@ -58,17 +59,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def generator(model, max_length: int):
+def generator(model, max_length: int, adapter=None):
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=max_length, min_length=max_length, do_sample=False)
-    return og.Generator(model, params)
+    gen = og.Generator(model, params)
+    if adapter is not None:  # (og.Adapters, name): that LoRA adapter active
+        gen.set_active_adapter(*adapter)
+    return gen
 
 
-def run_pp(model, ids: list[int]) -> tuple[float, float]:
+def run_pp(model, ids: list[int], adapter=None) -> tuple[float, float]:
     """(prefill seconds, time to first token seconds) for one prompt."""
-    gen = generator(model, len(ids) + 2)
+    gen = generator(model, len(ids) + 2, adapter)
     t0 = time.perf_counter()
     gen.append_tokens(ids)
     t1 = time.perf_counter()
@@ -77,14 +81,14 @@ def run_pp(model, ids: list[int]) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t0
 
 
-def run_tg(model, context: list[int], n_gen: int) -> list[float]:
+def run_tg(model, context: list[int], n_gen: int, adapter=None) -> list[float]:
     """Seconds of each of n_gen decode steps after the context (not timed), each one forward pass of one token.
 
     That is llama-bench's tg N. append_tokens runs the context's forward pass and leaves its logits, so the
     first generate_next_token only samples from them; n_gen timed calls after it feed n_gen tokens through
     the model (timing the first call instead would count n_gen - 1 passes as n_gen tokens).
     """
-    gen = generator(model, len(context) + n_gen + 1)
+    gen = generator(model, len(context) + n_gen + 1, adapter)
     gen.append_tokens(context)
     gen.generate_next_token()  # the token after the context, from the prefill's logits: no forward pass
     latencies = []
@@ -117,8 +121,9 @@ def provider(decoder: dict) -> str:
 
 
 def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warmup: int = 1, threads: int | None = None,
-          progress=None) -> list[dict]:
-    """One record per test, with llama-bench's field names where one exists."""
+          progress=None, adapters: list[str] = ()) -> list[dict]:
+    """One record per test, with llama-bench's field names where one exists. With `adapters` (LoRA adapter names),
+    one record per test for the base and for each adapter active, their runs interleaved repetition by repetition."""
     from importlib.metadata import version
 
     if reps < 1 or warmup < 0:
@@ -130,6 +135,15 @@ def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warm
     if too_long:
         raise BenchError(f"tests {', '.join(too_long)} exceed the model's max_length {cap}")
     model, _ = model_safety.load(model_dir, threads)
+    known = adapter_files(str(model_dir))
+    unknown = [a for a in adapters if a not in known]
+    if unknown:
+        raise BenchError(f"no adapter {unknown[0]!r} in {model_dir}: it has {', '.join(known) or 'none'}")
+    loaded, load_seconds = {None: None}, {}
+    for name in adapters:
+        start = time.perf_counter()
+        loaded[name] = load_adapter(model, str(model_dir), name)
+        load_seconds[name] = time.perf_counter() - start
     rng = np.random.default_rng(0)
     vocab = min(config["model"]["vocab_size"], 1000)  # ordinary tokens: ids below any special token
     base = {"phiedge_version": __version__, "onnxruntime_genai_version": version("onnxruntime-genai"),
@@ -146,33 +160,44 @@ def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warm
         if progress:
             progress(test.name)
         ids = rng.integers(0, vocab, max(test.n_prompt, test.n_depth) or 1).tolist()
-        samples, ttft, latencies = [], [], []
+        runs = {name: ([], [], []) for name in loaded}  # adapter -> (samples, ttft, latencies)
         for i in range(warmup + reps):
-            if test.n_gen == 0:
-                seconds, first = run_pp(model, ids[:test.n_prompt])
-                tokens = test.n_prompt
-            else:
-                steps = run_tg(model, ids[:max(test.n_depth, 1)], test.n_gen)
-                seconds, first, tokens = sum(steps), None, test.n_gen
-            if i < warmup:
-                continue
-            samples.append(seconds)
-            if first is not None:
-                ttft.append(first)
-            else:
-                latencies += steps
-        ts = [tokens / s for s in samples]
-        record = {**base, "test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
-                  "test_time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "repetitions": reps,
-                  "samples_ns": [int(s * 1e9) for s in samples], "avg_ns": int(statistics.mean(samples) * 1e9),
-                  "stddev_ns": int(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
-                  "samples_ts": [round(t, 3) for t in ts], "avg_ts": statistics.mean(ts),
-                  "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0,
-                  "ttft_ms": statistics.mean(ttft) * 1e3 if ttft else None,
-                  "latency_p50_ms": None, "latency_p90_ms": None, "latency_p99_ms": None,
-                  "peak_rss_bytes": peak_rss_bytes()}
-        if latencies:
-            p50, p90, p99 = np.percentile(np.array(latencies) * 1e3, [50, 90, 99])
-            record.update(latency_p50_ms=float(p50), latency_p90_ms=float(p90), latency_p99_ms=float(p99))
-        records.append(record)
+            for name, adapter in loaded.items():  # interleaved: base, then each adapter, every repetition
+                samples, ttft, latencies = runs[name]
+                if test.n_gen == 0:
+                    seconds, first = run_pp(model, ids[:test.n_prompt], adapter)
+                else:
+                    steps = run_tg(model, ids[:max(test.n_depth, 1)], test.n_gen, adapter)
+                    seconds, first = sum(steps), None
+                if i < warmup:
+                    continue
+                samples.append(seconds)
+                if first is not None:
+                    ttft.append(first)
+                else:
+                    latencies += steps
+        tokens = test.n_prompt if test.n_gen == 0 else test.n_gen
+        for name, (samples, ttft, latencies) in runs.items():
+            records.append(test_record(base, test, reps, tokens, samples, ttft, latencies, name,
+                                       load_seconds.get(name)))
     return records
+
+
+def test_record(base: dict, test: BenchTest, reps: int, tokens: int, samples: list[float], ttft: list[float],
+                latencies: list[float], adapter: str | None, adapter_load_s: float | None) -> dict:
+    """One test's record (for the base, or with `adapter` active: its load time beside it)."""
+    ts = [tokens / s for s in samples]
+    record = {**base, "test": test.name, "n_prompt": test.n_prompt, "n_gen": test.n_gen, "n_depth": test.n_depth,
+              "adapter": adapter, "adapter_load_ms": None if adapter_load_s is None else round(adapter_load_s * 1e3, 2),
+              "test_time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "repetitions": reps,
+              "samples_ns": [int(s * 1e9) for s in samples], "avg_ns": int(statistics.mean(samples) * 1e9),
+              "stddev_ns": int(statistics.stdev(samples) * 1e9) if reps > 1 else 0,
+              "samples_ts": [round(t, 3) for t in ts], "avg_ts": statistics.mean(ts),
+              "stddev_ts": statistics.stdev(ts) if reps > 1 else 0.0,
+              "ttft_ms": statistics.mean(ttft) * 1e3 if ttft else None,
+              "latency_p50_ms": None, "latency_p90_ms": None, "latency_p99_ms": None,
+              "peak_rss_bytes": peak_rss_bytes()}
+    if latencies:
+        p50, p90, p99 = np.percentile(np.array(latencies) * 1e3, [50, 90, 99])
+        record.update(latency_p50_ms=float(p50), latency_p90_ms=float(p90), latency_p99_ms=float(p99))
+    return record

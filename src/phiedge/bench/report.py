@@ -12,7 +12,7 @@ from phiedge.artifacts import BenchRecord, problems
 from phiedge.errors import PhiedgeError
 
 MD_ALWAYS = ["test", "avg_ts", "stddev_ts", "ttft_ms", "latency_p50_ms", "latency_p99_ms", "peak_rss_bytes"]
-MD_IF_VARYING = ["model_variant", "model_precision", "n_threads", "n_depth"]
+MD_IF_VARYING = ["model_variant", "model_precision", "n_threads", "n_depth", "adapter"]
 
 
 def cell(value) -> str:
@@ -36,7 +36,16 @@ def to_markdown(records: list[dict]) -> str:
     lines.append(f"\n{first.get('model_variant') or 'model'} {first.get('model_precision') or ''}, "
                  f"{first.get('n_threads')} threads, {first.get('cpu_info')}, onnxruntime-genai "
                  f"{first.get('onnxruntime_genai_version')}, {first.get('repetitions')} repetitions")
+    lines += [f"{r['test']} with adapter {r['adapter']} (loaded in {r['adapter_load_ms']:.1f} ms): {r['ratio']:.3f}x "
+              "the base's tokens/s, runs interleaved" for r in adapter_ratios(records)]
     return "\n".join(lines)
+
+
+def adapter_ratios(records: list[dict]) -> list[dict]:
+    """Each adapter record's tokens/s over the base's in the same test (the cost of an active LoRA adapter)."""
+    base = {r["test"]: r for r in records if r.get("adapter") is None}
+    return [{**r, "ratio": r["avg_ts"] / base[r["test"]]["avg_ts"]} for r in records
+            if r.get("adapter") is not None and r["test"] in base]
 
 
 def to_csv(records: list[dict]) -> str:
@@ -63,10 +72,12 @@ def compare(records: list[dict], old_path: str) -> list[dict]:
     """tokens/s now over tokens/s then, test by test (tests missing from either side are left out)."""
     try:
         with open(old_path) as f:
-            old = {r.test: r for r in (BenchRecord.model_validate_json(line) for line in f if line.strip())}
+            rows = [BenchRecord.model_validate_json(line) for line in f if line.strip()]
+        old = {(r.test, r.adapter): r for r in rows}
     except ValidationError as exc:
         raise PhiedgeError(f"cannot read {old_path} as phiedge bench JSON lines: {problems(exc)}") from None
     except (OSError, ValueError) as exc:
         raise PhiedgeError(f"cannot read {old_path} as phiedge bench JSON lines: {exc}") from None
-    return [{"test": r["test"], "avg_ts": r["avg_ts"], "old_avg_ts": old[r["test"]].avg_ts,
-             "ratio": r["avg_ts"] / old[r["test"]].avg_ts} for r in records if r["test"] in old]
+    keys = [(r["test"], r.get("adapter")) for r in records]
+    return [{"test": r["test"] + (f" ({k[1]})" if k[1] else ""), "avg_ts": r["avg_ts"], "old_avg_ts": old[k].avg_ts,
+             "ratio": r["avg_ts"] / old[k].avg_ts} for r, k in zip(records, keys) if k in old]

@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from phiedge import catalog
 from phiedge.build import olive_config
 from phiedge.catalog import pydantic_problems
+from phiedge.checkpoints import lora
 from phiedge.checkpoints.checkpoint import Checkpoint
 from phiedge.checkpoints.locate import locate
 from phiedge.checkpoints.weights import Weights
 from phiedge.checks.validate import with_overrides
-from phiedge.errors import ConfigError
+from phiedge.errors import ConfigError, ModelError
 from phiedge.quantize import prequant
 from phiedge.schema import BLOCK_SIZES, Int4Settings, Target, ValidationSettings, int4_used, method_defaults
 
@@ -34,6 +35,7 @@ class BuildOptions:
     validate: bool = True  # compare with the checkpoint in transformers; fail the build on a crossed threshold
     thresholds: dict = field(default_factory=dict)  # overrides of the target's thresholds for this precision
     revision: str | None = None  # branch, tag or commit when the model is a hub id
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, PEFT folder) of each LoRA adapter built beside the model
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Plan:
     recipe: dict
     validation: ValidationSettings
     notes: tuple[str, ...] = ()
+    adapters: tuple[lora.Adapter, ...] = ()
 
     @property
     def streamed(self) -> bool:
@@ -92,6 +95,11 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     target = catalog.find_target(target_name)
     checkpoint = locate(model_dir, options.revision)
     problems = []
+    adapters = ()
+    try:
+        adapters = tuple(lora.read_all([(name, Path(folder)) for name, folder in options.adapters], checkpoint.config))
+    except ModelError as exc:
+        problems.append(str(exc))
     precision = options.precision or target.precision
     if precision not in target.provider.precisions:
         problems.append(f"precision {precision} is not available on {target.execution_provider} "
@@ -155,4 +163,5 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
                         "which int4 method stream has done already: add --int4-method builder")
     if problems:
         raise ConfigError("build options", problems)
-    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, recipe, validation, tuple(notes))
+    return Plan(target, checkpoint, precision, int4, cap, threads, recipe_name, recipe, validation, tuple(notes),
+                adapters)

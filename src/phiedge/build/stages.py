@@ -1,7 +1,7 @@
 """`phiedge build`: a target's Olive recipe on a checkpoint, checked by phiedge, written atomically.
 
 A build is a list of stages (STAGES), each taking the build's state and adding to it: export (phiedge's
-calibration and quantization, then Olive), fix, check, validate, record. The state is written to a staged
+calibration and quantization, then Olive), fix, LoRA adapters, check, validate, record. The state is written to a staged
 folder that replaces the output only when every stage has passed."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from phiedge import __version__, genai_config
-from phiedge.artifacts import RECORD, REPORT, WEIGHTS, ModelFolder, WeightDigests
-from phiedge.build import graph_fixes, olive, olive_config
+from phiedge.artifacts import RECORD, REPORT, WEIGHTS, AdapterEntry, ModelFolder, WeightDigests, sha256
+from phiedge.build import graph_fixes, lora_graph, olive, olive_config
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, Plan, plan
 from phiedge.build.record import reproducible, stack_versions
@@ -50,6 +50,7 @@ class Build:
     memory: dict = field(default_factory=dict)
     report: dict | None = None
     record: dict = field(default_factory=dict)
+    adapters: list[dict] = field(default_factory=list)  # artifacts.AdapterEntry of each LoRA adapter
     work: Path = field(init=False)  # Olive's and the quantizer's scratch, inside the staged folder
     folder: ModelFolder = field(init=False)  # read once by the stages after the export
 
@@ -156,6 +157,24 @@ def fix(b: Build) -> None:
     b.folder.reload()
 
 
+def add_adapters(b: Build) -> None:
+    """LoRA: the graph gets a float path with optional inputs beside each adapted MatMul, and each adapter its
+    ONNX Runtime adapter file (build/lora_graph.py)."""
+    adapters = b.plan.adapters
+    if not adapters:
+        return
+    b.progress.step(f"LoRA: {len(adapters)} adapter(s) ({', '.join(a.name for a in adapters)}), "
+                    f"{adapters[0].describe()}: a float path beside each adapted MatMul, off when none is active")
+    inputs = lora_graph.add_lora_inputs(b.folder.decoder_file, adapters[0])
+    for a in adapters:
+        path = b.tmp / lora_graph.file_name(a.name)
+        lora_graph.write_adapter(a, path, inputs)
+        b.adapters.append(AdapterEntry(name=a.name, file=path.name, size_bytes=path.stat().st_size, sha256=sha256(path),
+                                       source=str(a.path), rank=a.rank, alpha=a.alpha, scaling=a.scaling,
+                                       modules=a.modules(), matrices=len(a.matrices)).model_dump())
+    b.folder.reload()
+
+
 def check(b: Build) -> None:
     """The files are whole, the graph suits the provider, it loads and generates here, it fits the device."""
     p = b.plan
@@ -164,7 +183,7 @@ def check(b: Build) -> None:
     if p.target.checks is not None:
         b.graph = operators.check_graph(b.folder, p.target.execution_provider, p.target.checks)
     if p.target.runs_here:
-        smoke_generate(b.tmp)
+        smoke_generate(b.tmp, adapters=[a.name for a in p.adapters])
     b.memory, warning = budget.check(budget.estimate(b.folder), p.target.device, p.target.name)
     if warning:
         b.progress.warn(warning)
@@ -180,8 +199,26 @@ def numeric_validation(b: Build) -> None:
     b.report = validate(b.folder, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
                         int4=p.int4 if p.precision == "int4" else None)
     b.report["built"] = str(b.out.resolve())
+    b.report["adapters"] = {}
+    for entry in b.adapters:  # each adapter active, against the checkpoint with PEFT applying it
+        b.progress.step(f"validating adapter {entry['name']} against the checkpoint with PEFT applying "
+                        f"{entry['source']}")
+        report = validate(b.folder, p.checkpoint.path, p.precision, p.validation, target=p.target.name,
+                          int4=p.int4 if p.precision == "int4" else None,
+                          adapter=(entry["name"], Path(entry["source"])))
+        report["built"] = f"{b.out.resolve()} with adapter {entry['name']}"
+        b.report["adapters"][entry["name"]] = report
+        entry["validation"] = validation_summary(report)
     (b.tmp / REPORT).write_text(json.dumps(reproducible(b.report), indent=2) + "\n")
     raise_on_failure(b.report)
+    for report in b.report["adapters"].values():
+        raise_on_failure(report)
+
+
+def validation_summary(report: dict) -> dict:
+    """What the build record keeps of a validation report."""
+    return {"passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
+            **{k: v for k, v in report["metrics"].items() if k != "prompts"}, "dequantized": report["dequantized"]}
 
 
 def write_record(b: Build) -> None:
@@ -211,20 +248,18 @@ def write_record(b: Build) -> None:
                    f"{p.target.execution_provider} is not available on this machine: the graph was checked "
                    "against the provider's operator list and genai_config.json, not run",
                    "memory": b.memory},
-        "validation": None if report is None else {
-            "passed": report["passed"], "enforced": report["enforced"], "failures": report["failures"],
-            **{k: v for k, v in report["metrics"].items() if k != "prompts"},
-            "dequantized": report["dequantized"]},
+        "validation": None if report is None else validation_summary(report),
         "files": sorted(b.found["files"] + [RECORD] + ([REPORT] if report else [])),
         "size_bytes": sum((b.tmp / f).stat().st_size for f in b.files),
         "weights": budget.weight_accounting(b.folder),
+        "adapters": b.adapters,
         "build_seconds": round(time.perf_counter() - b.started, 1),
         "versions": stack_versions(),
     }
     (b.tmp / RECORD).write_text(json.dumps(reproducible(b.record), indent=2) + "\n")
 
 
-STAGES = (export, fix, check, numeric_validation, write_record)
+STAGES = (export, fix, add_adapters, check, numeric_validation, write_record)
 
 
 def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),

@@ -4,6 +4,7 @@ This file needs only onnxruntime-genai and the Python standard library: it is co
 into every bundle, and is meant to be read top to bottom and copied into an app.
 
     python generate.py MODEL_DIR --prompt "Write a haiku about edge devices"
+    python generate.py MODEL_DIR --adapter NAME --prompt "..."   (a LoRA adapter: NAME.onnx_adapter in MODEL_DIR)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 # Opt out of ONNX Runtime and ONNX Runtime GenAI telemetry unless the user chose otherwise.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -32,6 +34,24 @@ def load(model_dir: str, threads: int | None = None) -> tuple[og.Model, og.Token
     return model, og.Tokenizer(model)
 
 
+ADAPTER_SUFFIX = ".onnx_adapter"  # a LoRA adapter file beside the model; its name is the file's stem
+
+
+def adapter_files(model_dir: str) -> dict[str, str]:
+    """The model folder's LoRA adapters, by name."""
+    return {p.name[:-len(ADAPTER_SUFFIX)]: str(p) for p in sorted(Path(model_dir).glob("*" + ADAPTER_SUFFIX))}
+
+
+def load_adapter(model: og.Model, model_dir: str, name: str) -> tuple[og.Adapters, str]:
+    """One adapter loaded for `generate(..., adapter=)`; a name the folder lacks is a ValueError listing its own."""
+    known = adapter_files(model_dir)
+    if name not in known:
+        raise ValueError(f"no adapter {name!r} in {model_dir}: it has {', '.join(known) or 'none'}")
+    adapters = og.Adapters(model)
+    adapters.load(known[name], name)
+    return adapters, name
+
+
 def chat_prompt(tokenizer: og.Tokenizer, user: str, system: str | None = None, history: list | None = None) -> str:
     """Frame the conversation so far plus one user turn with the model's own chat template."""
     messages = ([{"role": "system", "content": system}] if system else []) + (history or [])
@@ -40,8 +60,9 @@ def chat_prompt(tokenizer: og.Tokenizer, user: str, system: str | None = None, h
 
 
 def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, top_k: int = 0) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at an end token or after max_new_tokens."""
+             top_p: float = 1.0, top_k: int = 0, adapter: tuple[og.Adapters, str] | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time; stops at an end token or after max_new_tokens. `adapter`: the LoRA
+    adapter (load_adapter's) to run with; without it the base model runs."""
     params = og.GeneratorParams(model)
     options = {"max_length": len(prompt_ids) + max_new_tokens}
     if temperature > 0:  # sample from the softmax of logits / temperature, cut to top-k / top-p
@@ -50,20 +71,23 @@ def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int = 128, 
         options.update(do_sample=False)
     params.set_search_options(**options)
     generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(*adapter)  # its weights fill the graph's LoRA inputs for this generator
     generator.append_tokens(prompt_ids)  # prefill: the whole prompt in one forward pass
     while not generator.is_done():  # is_done: end token seen or max_length reached
         generator.generate_next_token()  # one decode step: forward, then pick the next token
         yield int(generator.get_next_tokens()[0])
 
 
-def reply(model: og.Model, tokenizer: og.Tokenizer, prompt: str, args: argparse.Namespace) -> str:
+def reply(model: og.Model, tokenizer: og.Tokenizer, prompt: str, args: argparse.Namespace,
+          adapter: tuple[og.Adapters, str] | None = None) -> str:
     """Stream one answer to stdout as it is generated; report speed on stderr; return the text."""
     prompt_ids = list(tokenizer.encode(prompt))
     stream = tokenizer.create_stream()  # decodes piece by piece, holding back split multi-byte characters
     start = time.perf_counter()
     first = None
     pieces, count = [], 0
-    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k):
+    for token in generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.top_k, adapter):
         if first is None:
             first = time.perf_counter()
         count += 1
@@ -92,13 +116,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut-off (with --temperature)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (with --temperature)")
     parser.add_argument("--threads", type=int, default=None, help="override intra-op threads")
+    parser.add_argument("--adapter", default=None, help="run with this LoRA adapter (NAME.onnx_adapter in the folder)")
     args = parser.parse_args(argv)
     if (args.prompt is None) == (not args.chat):
         parser.error("give --prompt, or --chat for an interactive conversation")
+    if args.adapter is not None and args.adapter not in adapter_files(args.model_dir):
+        known = ", ".join(adapter_files(args.model_dir)) or "none"
+        print(f"error: no adapter {args.adapter!r} in {args.model_dir}: it has {known}", file=sys.stderr)
+        return 2
 
     model, tokenizer = load(args.model_dir, args.threads)
+    adapter = load_adapter(model, args.model_dir, args.adapter) if args.adapter else None
     if not args.chat:
-        reply(model, tokenizer, args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system), args)
+        reply(model, tokenizer, args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system), args,
+              adapter)
         return 0
     history: list = []
     while True:
@@ -106,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         user = sys.stdin.readline().strip()
         if not user:
             return 0
-        answer = reply(model, tokenizer, chat_prompt(tokenizer, user, args.system, history), args)
+        answer = reply(model, tokenizer, chat_prompt(tokenizer, user, args.system, history), args, adapter)
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 

@@ -41,6 +41,7 @@ from phiedge.errors import PackageError
 from phiedge.workspace import check_output, staged_file
 
 EPOCH = (1980, 1, 1, 0, 0, 0)
+ADAPTER_NUMBERS = ("passed", "kl_mean", "kl_p99", "top1", "ppl_ratio")  # what a manifest says of an adapter's check
 __all__ = ["FORMAT", "MANIFEST", "PackageError", "archive_path", "package", "sha256"]
 
 
@@ -117,7 +118,21 @@ To serve it with the OpenAI API (chat completions, streaming, tools, JSON output
 - context cap (KV cache): {manifest['context_cap']} tokens
 - validation: {numbers}
 - minimum onnxruntime-genai: {manifest['min_runtime']['onnxruntime-genai']}
-"""
+{adapter_lines(manifest)}"""
+
+
+def adapter_lines(manifest: dict) -> str:
+    adapters = manifest.get("adapters") or {}
+    if not adapters:
+        return ""
+    lines = ["", "LoRA adapters (one at a time over the same base; `python generate.py ... --adapter NAME`, "
+             "`phiedge run ... --adapter NAME`, or the model `base:NAME` from `phiedge serve`):", ""]
+    for name, a in sorted(adapters.items()):
+        v = a.get("validation") or {}
+        numbers = f", KL {v['kl_mean']:.3g} against the checkpoint with PEFT applying it" if v.get("kl_mean") else ""
+        lines.append(f"- `{name}`: rank {a['rank']} on {', '.join(a['modules'])}, "
+                     f"{a['size_bytes'] / 1e6:.2f} MB{numbers}")
+    return "\n".join(lines) + "\n"
 
 
 def signed_line(key_id: str | None) -> str:
@@ -144,6 +159,10 @@ def manifest_for(folder: ModelFolder, name: str, files: dict[str, dict], layout:
             "passed": report.passed, "enforced": report.enforced, "note": report.note,
             "dequantized": report.dequantized},
         "checks": None if record.checks is None else record.checks.model_dump(exclude_unset=True),
+        "adapters": {a.name: {"file": f"{LAYOUTS[layout][0]}/{a.file}", "rank": a.rank, "modules": a.modules,
+                              "size_bytes": a.size_bytes,
+                              "validation": a.validation and {k: a.validation.get(k) for k in ADAPTER_NUMBERS}}
+                     for a in record.adapters} or None,
         "files": files,
     }
 

@@ -71,6 +71,10 @@ def verify_dir(bundle: Opened | Path, load: bool = True, trust: signing.PublicKe
     if version_tuple(have) < version_tuple(need):
         raise BundleError(f"onnxruntime-genai {have} is older than {need}, which built this model")
     model_dir = bundle.folder.path
+    adapters = manifest.adapters or {}
+    unlisted = sorted(a["file"] for a in adapters.values() if a.get("file") not in files)
+    if unlisted:
+        raise BundleError(f"{unlisted[0]}, an adapter of the manifest, is not among its files")
     if not (model_dir / GENAI_CONFIG).is_file():
         raise BundleError(f"{model_dir.relative_to(root)} has no {GENAI_CONFIG}")
     check_model_folder(model_dir, manifest.execution_provider)  # with or without load: nothing runs
@@ -78,11 +82,12 @@ def verify_dir(bundle: Opened | Path, load: bool = True, trust: signing.PublicKe
     not_here = checks.not_run_here or None
     if load and not not_here:
         try:
-            smoke_generate(model_dir, n_tokens=1)
+            smoke_generate(model_dir, n_tokens=1, adapters=sorted(adapters))
         except BuildError as exc:
             raise BundleError(f"onnxruntime-genai {have}: {exc}") from None
     return {"bundle": manifest.name, "files": len(files), "runtime": have, "min_runtime": need,
             "loaded": bool(load and not not_here), "not_loaded_because": not_here if load else None,
+            "adapters": sorted(adapters),
             "graph_checked_for": (checks.graph or {}).get("provider"), "signature": signature, "ok": True}
 
 

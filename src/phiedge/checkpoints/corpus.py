@@ -9,6 +9,7 @@ import sysconfig
 from pathlib import Path
 
 from phiedge.checkpoints import tokenizer_files
+from phiedge.errors import ModelError
 
 
 def stdlib_files(limit_bytes: int | None = None) -> list[Path]:
@@ -27,6 +28,16 @@ def stdlib_files(limit_bytes: int | None = None) -> list[Path]:
 def split_files(every: int = 10) -> tuple[list[Path], list[Path]]:
     """(training files, held-out files): every 10th stdlib module is held out for evaluation."""
     files = stdlib_files()
+    return [f for i, f in enumerate(files) if i % every], [f for i, f in enumerate(files) if not i % every]
+
+
+def package_split(name: str, every: int = 10) -> tuple[list[Path], list[Path]]:
+    """(training files, held-out files) of one stdlib package (a narrow text: `email`, `asyncio`, ...), every
+    10th module held out. The base model's training split has top-level modules only, never a package's."""
+    folder = Path(sysconfig.get_paths()["stdlib"]) / name
+    files = sorted(folder.rglob("*.py")) if folder.is_dir() and name not in ("test", "idlelib") else []
+    if len(files) < 2:
+        raise ModelError(f"{name!r} is not a standard library package of at least two modules here")
     return [f for i, f in enumerate(files) if i % every], [f for i, f in enumerate(files) if not i % every]
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from phiedge.artifacts import WEIGHTS, ModelFolder, WeightDigests, read
+from phiedge.checkpoints import lora
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.errors import ModelError
 from phiedge.quantize import split_table
@@ -252,9 +253,11 @@ def check(values: dict, settings: DequantizedSettings) -> list[str]:
 
 
 def compare(built: Logits, folder: ModelFolder, reference_dir: str | Path, precision: str,
-            int4: Int4Settings | dict | None, settings: DequantizedSettings, ids: list[int], window: int) -> dict:
+            int4: Int4Settings | dict | None, settings: DequantizedSettings, ids: list[int], window: int,
+            adapter_dir: Path | None = None) -> dict:
     """The dequantized check's report: the weights' digests, then its metrics, thresholds and failures, always
-    enforced; or why it does not apply to this build."""
+    enforced; or why it does not apply to this build. With `adapter_dir` (a PEFT folder), the reference is the
+    dequantized checkpoint with that adapter applied by PEFT, and `built` runs with it active."""
     why = not_applicable(precision, int4)
     if why is not None:
         return {"applies": False, "why": why, "failures": [], "passed": None}
@@ -268,7 +271,10 @@ def compare(built: Logits, folder: ModelFolder, reference_dir: str | Path, preci
                    f"{', ...' if len(wrong) > 3 else ''})")
         return {"applies": True, "digests": digests, "metrics": None, "thresholds": settings.maxima(),
                 "failures": [failure], "passed": False}
-    values = metrics(load(reference_dir, graph, recorded), built, ids[:settings.eval_tokens], window)
+    reference = load(reference_dir, graph, recorded)
+    if adapter_dir is not None:
+        reference = lora.apply_peft(reference, adapter_dir)
+    values = metrics(reference, built, ids[:settings.eval_tokens], window)
     failures = check(values, settings)
     return {"applies": True, "digests": digests, "metrics": values, "thresholds": settings.maxima(),
             "failures": failures, "passed": not failures}

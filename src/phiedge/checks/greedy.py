@@ -36,12 +36,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_tokens: int) -> dict:
-    """Greedy tokens of a loaded onnxruntime-genai model and of transformers, prompt by prompt."""
+def greedy_metrics(model, reference, tokenizer, prompts: tuple[str, ...], n_tokens: int, adapter=None) -> dict:
+    """Greedy tokens of a loaded onnxruntime-genai model (with `adapter` active: generate.load_adapter's) and of
+    transformers, prompt by prompt."""
     rows = []
     for text in prompts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        built = list(generate(model, ids, n_tokens))
+        built = list(generate(model, ids, n_tokens, adapter=adapter))
         ref = reference_greedy(reference, ids, n_tokens)
         rows.append({"prompt": text, "agree": common_prefix(built, ref), "of": len(ref), "identical": built == ref,
                      "built": built, "reference": ref})

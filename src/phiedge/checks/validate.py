@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from phiedge import catalog
 from phiedge.artifacts import GENAI_CONFIG, REPORT, ModelFolder
 from phiedge.bundle import model_safety
+from phiedge.bundle.generate import load_adapter
 from phiedge.catalog import pydantic_problems
-from phiedge.checkpoints import corpus, hub, tokenizer_files
+from phiedge.checkpoints import corpus, hub, lora, tokenizer_files
 from phiedge.checkpoints.checkpoint import synth_record
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checkpoints.locate import locate
@@ -78,14 +79,17 @@ def logits_every_position(folder: ModelFolder) -> bool:
     return logits.type.tensor_type.shape.dim[1].dim_value != 1
 
 
-def built_logits(model, ids: list[int], every_position: bool) -> np.ndarray:
+def built_logits(model, ids: list[int], every_position: bool, adapter=None) -> np.ndarray:
     """Logits at every position of the ids, [T, V]: from one prefill, or, for a graph that gives the last
-    position's only, with the ids fed one at a time as decoding feeds them."""
+    position's only, with the ids fed one at a time as decoding feeds them. `adapter`: a LoRA adapter to run
+    with (generate.load_adapter's)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + 1)
     generator = og.Generator(model, params)
+    if adapter is not None:
+        generator.set_active_adapter(*adapter)
     if every_position:
         generator.append_tokens(ids)
         return np.asarray(generator.get_output("logits"))[0]
@@ -97,7 +101,7 @@ def built_logits(model, ids: list[int], every_position: bool) -> np.ndarray:
     return np.stack(rows)
 
 
-def distribution_metrics(model, reference, ids: list[int], window: int, every_position: bool) -> dict:
+def distribution_metrics(model, reference, ids: list[int], window: int, every_position: bool, adapter=None) -> dict:
     import torch
 
     sums = Sums(kl=[])
@@ -108,7 +112,7 @@ def distribution_metrics(model, reference, ids: list[int], window: int, every_po
         inputs, targets = chunk[:-1], np.array(chunk[1:])
         with torch.no_grad():
             ref = reference(torch.tensor([inputs])).logits[0].numpy()
-        out = built_logits(model, inputs, every_position)
+        out = built_logits(model, inputs, every_position, adapter)
         if out.shape[0] != ref.shape[0]:
             raise ValidationFailed(f"the built model gave logits for {out.shape[0]} positions, expected {ref.shape[0]}")
         if out.shape[-1] != ref.shape[-1]:  # both are the config's vocab_size (padded past the tokenizer's in Phi-3)
@@ -171,9 +175,11 @@ def enforcement(precision: str, limits: Thresholds | None, reference_dir: Path, 
 
 def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, precision: str, settings: ValidationSettings,
              eval_ids: list[int] | None = None, target: str | None = None,
-             int4: Int4Settings | dict | None = None) -> dict:
+             int4: Int4Settings | dict | None = None, adapter: tuple[str, Path] | None = None) -> dict:
     """Measure, compare with the thresholds for this precision, and return the report. `int4`: how the
     build quantized its weights (the build record's), for the comparison with the dequantized reference.
+    `adapter` (name, PEFT folder): the built model runs with its LoRA adapter of that name active, the
+    references (the checkpoint, the dequantized one) with the PEFT folder applied by PEFT.
 
     `enforced` says whether the thresholds against the original were held (`note` says why not); the
     dequantized check, where it applies, always is. `passed` is false when an enforced check failed, true
@@ -185,17 +191,20 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
     if dequantized.not_applicable(precision, int4) is None:
         dequantized.digests_of(folder)  # a missing or unreadable digest file fails before anything is measured
     model, _ = model_safety.load(built_dir)
+    active = load_adapter(model, str(built_dir), adapter[0]) if adapter else None
     reference = load_reference(reference_dir)
+    if adapter:
+        reference = lora.apply_peft(reference, adapter[1])
     tokenizer = tokenizer_files.load(reference_dir)
     ids = eval_ids if eval_ids is not None else corpus.eval_ids(reference_dir, settings.eval_tokens)
     max_length = folder.config["search"]["max_length"]
     window = min(settings.window, max_length - 1)  # the KV cache holds max_length tokens
     every = logits_every_position(folder)
-    metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens),
-               **distribution_metrics(model, reference, ids, window, every)}
+    metrics = {**greedy_metrics(model, reference, tokenizer, PROMPTS, settings.greedy_tokens, active),
+               **distribution_metrics(model, reference, ids, window, every, active)}
     del reference  # the dequantized reference takes its place in memory
-    against = dequantized.compare(lambda x: built_logits(model, x, every), folder, reference_dir, precision, int4,
-                                  settings.dequantized, ids, window)
+    against = dequantized.compare(lambda x: built_logits(model, x, every, active), folder, reference_dir, precision,
+                                  int4, settings.dequantized, ids, window, adapter[1] if adapter else None)
     limits = settings.thresholds.get(precision)
     failures = check(metrics, limits) if limits is not None else []
     note = enforcement(precision, limits, reference_dir, target)
@@ -203,6 +212,7 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
     failed = (failures if note is None else []) + against["failures"]
     return {
         "built": str(built_dir), "reference": str(reference_dir), "precision": precision, "target": target,
+        "adapter": adapter and {"name": adapter[0], "peft": str(adapter[1])},
         "size_bytes": folder.size_bytes(),
         "metrics": metrics, "thresholds": (limits or Thresholds()).model_dump(), "failures": failures,
         "enforced": note is None, "dequantized": against,
@@ -230,13 +240,22 @@ def raise_unless_enforced(report: dict) -> None:
 
 def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name: str | None = None,
                    precision: str | None = None, overrides: dict | None = None,
-                   text_file: str | Path | None = None) -> dict:
+                   text_file: str | Path | None = None, adapter: str | None = None) -> dict:
     """Validate a folder written by `phiedge build`, with its target's settings unless told otherwise. A reference
-    named by the hub id the build came from is taken at the build's commit."""
+    named by the hub id the build came from is taken at the build's commit. `adapter`: with that LoRA adapter
+    active, against the checkpoint with the PEFT folder the build made it from."""
     folder = ModelFolder(built_dir)
     if not (folder.path / GENAI_CONFIG).is_file():
         raise ModelError(f"{folder.path} is not a built model folder (no {GENAI_CONFIG})")
     record = folder.record
+    under_test = None
+    if adapter is not None:
+        entries = {a.name: a for a in (record.adapters if record else [])}
+        if adapter not in entries:
+            raise ModelError(f"{folder.path} has no adapter {adapter!r}: it has {', '.join(entries) or 'none'}")
+        under_test = (adapter, Path(entries[adapter].source))
+        if not (under_test[1] / lora.CONFIG).is_file():
+            raise ModelError(f"adapter {adapter}'s PEFT folder {under_test[1]} (the reference) is gone")
     fetched = record.source.hub if record else None  # a reference by hub id: the commit the build was made from
     same = fetched is not None and hub.hub_id(str(reference_dir)) == fetched.repo_id
     reference_dir = locate(reference_dir, fetched.commit if same else None).path
@@ -256,7 +275,7 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if len(ids) < 16:
             raise ConfigError("--text", [f"{text_file} has {len(ids)} tokens; at least 16 are needed"])
         ids = ids[:settings.eval_tokens]
-    return validate(folder, reference_dir, precision, settings, ids, target.name, record and record.int4)
+    return validate(folder, reference_dir, precision, settings, ids, target.name, record and record.int4, under_test)
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -92,9 +92,21 @@ async def parse(request: Request, model: type[BaseModel]):
         raise ServeRequestError(f"{where + ': ' if where else ''}{first['msg']}") from None
 
 
+def model_ids(served: Served) -> list[str]:
+    """The base model's name, and `base:NAME` for each of its LoRA adapters."""
+    return [served.name] + [f"{served.name}:{a}" for a in served.engine.adapter_names]
+
+
+def adapter_of(model: str, served: Served) -> str | None:
+    """The LoRA adapter a request's model names (`base:NAME`), None for the base; LookupError for another model."""
+    if model not in model_ids(served):
+        names = ", ".join(map(repr, model_ids(served)))
+        raise LookupError(f"model {model!r} is not served here (this server has {names})")
+    return model.split(":", 1)[1] if model != served.name else None
+
+
 def check_sampling(request: Sampling, served: Served) -> None:
-    if request.model != served.name:
-        raise LookupError(f"model {request.model!r} is not served here (this server has {served.name!r})")
+    adapter_of(request.model, served)
     if request.n != 1:
         raise ServeRequestError(f"n={request.n}: one choice per request is served")
     if request.logprobs:
@@ -121,7 +133,7 @@ async def generation(served: Served, http: Request, prompt_ids: list[int], reque
                            "(prompt and reply together): shorten the prompt")
     room = cap - len(prompt_ids)
     job = Job(prompt_ids, min(max_tokens or room, room), request.temperature, request.top_p, request.seed, guidance,
-              loop=asyncio.get_running_loop())
+              adapter_of(request.model, served), loop=asyncio.get_running_loop())
     engine.submit(job)
     watcher = asyncio.create_task(watch(http, job))
     decoder, splitter = engine.tokenizer.create_stream(), Splitter(request.stops(), served.fmt, in_tool=in_tool)
@@ -205,8 +217,8 @@ def create_app(served: Served) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": now(),
-                                            "owned_by": "phiedge"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": now(), "owned_by": "phiedge"}
+                                           for name in model_ids(served)]}
 
     async def answer(http: Request, request: Sampling, prompt_ids: list[int], max_tokens, guidance, shape,
                      in_tool: bool = False):
@@ -230,7 +242,7 @@ def create_app(served: Served) -> FastAPI:
             return await answer(http, request, served.engine.encode(prompt + (TOOL_CALL if forced else "")),
                                 request.max_completion_tokens or request.max_tokens,
                                 guidance_of(request, served.engine, forced),
-                                ChatShape(served.name, request.usage_chunk()), in_tool=bool(forced))
+                                ChatShape(request.model, request.usage_chunk()), in_tool=bool(forced))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 
@@ -243,7 +255,8 @@ def create_app(served: Served) -> FastAPI:
             if len(prompts) != 1:
                 raise ServeRequestError("one prompt per request is served")
             return await answer(http, request, served.engine.encode(prompts[0]), request.max_tokens, None,
-                                CompletionShape(served.name, prompts[0] if request.echo else "", request.usage_chunk()))
+                                CompletionShape(request.model, prompts[0] if request.echo else "",
+                                                request.usage_chunk()))
         except (ServeRequestError, LookupError, ServerBusy) as exc:
             return failure(exc)
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from phiedge.bundle.generate import adapter_files
 from phiedge.bundle.model_safety import load
 from phiedge.errors import ServerBusy, ServeRequestError
 
@@ -30,6 +31,7 @@ class Job:
     top_p: float
     seed: int | None
     guidance: tuple[str, str] | None  # (kind, data) for onnxruntime-genai's constrained decoding
+    adapter: str | None  # the LoRA adapter active for this request (the model `base:NAME`), or the base
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -42,6 +44,13 @@ class Engine:
         self.max_length = int(config["search"]["max_length"])
         self.eos = {int(i) for i in self.tokenizer.eos_token_ids}
         self.guidance = self.probe_guidance()
+        self.adapters, self.adapter_names = None, list(adapter_files(str(model_dir)))
+        if self.adapter_names:  # every adapter loaded once; a request picks one per generator
+            import onnxruntime_genai as og
+
+            self.adapters = og.Adapters(self.model)
+            for name, path in adapter_files(str(model_dir)).items():
+                self.adapters.load(path, name)
         self.max_queue = max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # jobs queued or running
@@ -109,6 +118,8 @@ class Engine:
             if job.guidance:
                 params.set_guidance(*job.guidance)
             generator = og.Generator(self.model, params)
+            if job.adapter is not None:
+                generator.set_active_adapter(self.adapters, job.adapter)
         except Exception as exc:  # onnxruntime-genai raises a plain RuntimeError
             if not job.guidance:
                 raise
