@@ -254,11 +254,12 @@ def validate_build(built_dir: str | Path, reference_dir: str | Path, target_name
         if adapter not in entries:
             raise ModelError(f"{folder.path} has no adapter {adapter!r}: it has {', '.join(entries) or 'none'}")
         under_test = (adapter, Path(entries[adapter].source))
-        if not (under_test[1] / lora.CONFIG).is_file():
-            raise ModelError(f"adapter {adapter}'s PEFT folder {under_test[1]} (the reference) is gone")
     fetched = record.source.hub if record else None  # a reference by hub id: the commit the build was made from
     same = fetched is not None and hub.hub_id(str(reference_dir)) == fetched.repo_id
-    reference_dir = locate(reference_dir, fetched.commit if same else None).path
+    checkpoint = locate(reference_dir, fetched.commit if same else None)
+    reference_dir = checkpoint.path
+    if under_test is not None:  # the PEFT folder held to a build's checks (never a pickle) before PEFT reads it
+        under_test = (adapter, lora.read(adapter, under_test[1], checkpoint.config).path)
     target = catalog.find_target(target_name or (record.target if record else "cpu"))
     precision = precision or (record.precision if record else None) or target.precision
     try:

@@ -44,12 +44,13 @@ class Engine:
         self.max_length = int(config["search"]["max_length"])
         self.eos = {int(i) for i in self.tokenizer.eos_token_ids}
         self.guidance = self.probe_guidance()
-        self.adapters, self.adapter_names = None, list(adapter_files(str(model_dir)))
-        if self.adapter_names:  # every adapter loaded once; a request picks one per generator
+        files = adapter_files(str(model_dir))
+        self.adapters, self.adapter_names = None, list(files)
+        if files:  # every adapter loaded once; a request picks one per generator
             import onnxruntime_genai as og
 
             self.adapters = og.Adapters(self.model)
-            for name, path in adapter_files(str(model_dir)).items():
+            for name, path in files.items():
                 self.adapters.load(path, name)
         self.max_queue = max_queue
         self.jobs: queue.Queue[Job | None] = queue.Queue()
