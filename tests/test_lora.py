@@ -18,19 +18,14 @@ from phiedge.build import lora_graph
 from phiedge.bundle.generate import generate, load, load_adapter
 from phiedge.bundle.package import package
 from phiedge.bundle.verify import BundleError, safe_extract, verify
-from phiedge.checkpoints import lora
+from phiedge.checkpoints import lora, tokenizer_files
 from phiedge.checkpoints.checkpoint import read_config
-from phiedge.checkpoints.corpus import package_split
-from phiedge.checks.validate import built_logits, validate_build
+from phiedge.checkpoints.corpus import package_split, token_stream
+from phiedge.checks.validate import built_logits, log_softmax, validate_build
 from phiedge.cli import cli
 
 PROMPT = "import"
-
-
-def held_out_text(package_name: str, path: Path) -> Path:
-    """The package's held-out modules (never trained on), as one text file for `validate --text`."""
-    path.write_text("\n".join(f.read_text(encoding="utf-8") for f in package_split(package_name)[1]), encoding="utf-8")
-    return path
+HELD_OUT = 512  # tokens of each package's held-out modules
 
 
 def make_adapter(checkpoint: str | Path, out: Path, modules=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
@@ -71,17 +66,30 @@ def test_each_adapter_matches_transformers_with_peft_and_the_base_is_unchanged(l
     assert np.abs(on - off).max() > 0.1  # and an active adapter changes them
 
 
-def test_an_adapter_lowers_the_perplexity_of_its_own_package(lora_build, trained, tmp_path):
-    for name in ("email", "asyncio"):
-        text = held_out_text(name, tmp_path / f"{name}.txt")
-        base = validate_build(lora_build, trained, text_file=text)["metrics"]
-        adapted = validate_build(lora_build, trained, text_file=text, adapter=name)
-        assert adapted["passed"] is True, adapted["failures"]
-        assert adapted["metrics"]["perplexity_built"] < 0.97 * base["perplexity_built"], (name, adapted["metrics"])
+def built_perplexity(model, ids: list[int], adapter=None) -> float:
+    """The built model's perplexity on the ids (each predicted from the ones before it), with the adapter active."""
+    lp = log_softmax(built_logits(model, ids[:-1], False, adapter))
+    return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
 
 
-def test_a_wrongly_scaled_adapter_file_fails_validation(lora_build, adapters, trained, tmp_path):
-    """The injected fault: the email adapter written with twice PEFT's scaling into a copy of the build."""
+def test_an_adapter_lowers_the_perplexity_of_its_own_package(lora_build, trained):
+    """On its package's held-out modules (never trained on), each adapter's build is better than the base's, and
+    better than the other adapter's: it learned its own text."""
+    model, _ = load(str(lora_build))
+    tokenizer, names = tokenizer_files.load(trained), [a.name for a in read(BuildRecord, lora_build / RECORD).adapters]
+    ppl = {}
+    for text in names:
+        ids = token_stream(tokenizer, package_split(text)[1])[:HELD_OUT]
+        for name in (None, *names):
+            ppl[text, name] = built_perplexity(model, ids, name and load_adapter(model, str(lora_build), name))
+    for text in names:
+        other = next(a for a in names if a != text)
+        assert ppl[text, text] < 0.97 * ppl[text, None] and ppl[text, text] < ppl[text, other], ppl
+
+
+def test_a_wrongly_scaled_adapter_file_fails_validation(lora_build, adapters, trained, runner, tmp_path):
+    """The injected fault: the email adapter written with twice PEFT's scaling into a copy of the build; the
+    untouched asyncio adapter still passes `phiedge validate --adapter`."""
     broken = tmp_path / "broken"
     shutil.copytree(lora_build, broken)
     adapter = lora.read("email", adapters["email"], read_config(Path(trained)))
@@ -91,6 +99,10 @@ def test_a_wrongly_scaled_adapter_file_fails_validation(lora_build, adapters, tr
     report = validate_build(broken, trained, adapter="email")
     assert report["passed"] is False
     assert any("logits_rel_rms" in f for f in report["dequantized"]["failures"]), report["dequantized"]
+    result = runner.invoke(cli, ["validate", str(broken), "--reference", trained, "--adapter", "email"])
+    assert result.exit_code == 1 and "logits_rel_rms" in result.output.strip().splitlines()[-1], result.output
+    result = runner.invoke(cli, ["validate", str(broken), "--reference", trained, "--adapter", "asyncio"])
+    assert result.exit_code == 0 and "PASS" in result.stdout, result.output
 
 
 def test_switching_adapters_in_one_loaded_model(lora_build):
