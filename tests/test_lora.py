@@ -21,6 +21,7 @@ from phiedge.bundle.verify import BundleError, safe_extract, verify
 from phiedge.checkpoints import lora, tokenizer_files
 from phiedge.checkpoints.checkpoint import read_config
 from phiedge.checkpoints.corpus import package_split, token_stream
+from phiedge.checkpoints.fp32 import load_reference
 from phiedge.checks.validate import built_logits, log_softmax, validate_build
 from phiedge.cli import cli
 
@@ -103,6 +104,20 @@ def test_a_wrongly_scaled_adapter_file_fails_validation(lora_build, adapters, tr
     assert result.exit_code == 1 and "logits_rel_rms" in result.output.strip().splitlines()[-1], result.output
     result = runner.invoke(cli, ["validate", str(broken), "--reference", trained, "--adapter", "asyncio"])
     assert result.exit_code == 0 and "PASS" in result.stdout, result.output
+
+
+def test_a_reference_loaded_one_layer_at_a_time_merges_the_adapter_as_peft_applies_it(adapters, trained):
+    """Big checkpoints are validated layer by layer, where PEFT cannot wrap the layers: the adapter is merged into
+    the weights as they load instead, and must give PEFT's logits."""
+    import torch
+
+    ids = torch.tensor([list(range(10, 74))])
+    with torch.no_grad():
+        peft = load_reference(trained, adapter=adapters["email"])(ids).logits
+        layerwise = load_reference(trained, layerwise=True, adapter=adapters["email"])(ids).logits
+        base = load_reference(trained, layerwise=True)(ids).logits
+    torch.testing.assert_close(layerwise, peft, rtol=0, atol=1e-4)
+    assert (layerwise - base).abs().max() > 0.1
 
 
 def test_switching_adapters_in_one_loaded_model(lora_build):

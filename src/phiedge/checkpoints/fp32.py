@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from phiedge.checkpoints.checkpoint import parameter_shapes
+from phiedge.checkpoints import lora
+from phiedge.checkpoints.checkpoint import parameter_shapes, read_config
 from phiedge.checkpoints.weights import Weights
 
 # Above this many bytes of fp32 parameters the reference runs one decoder layer at a time: Phi-4-mini in fp32
@@ -13,7 +14,7 @@ from phiedge.checkpoints.weights import Weights
 LAYERWISE_ABOVE_BYTES = 4 * 10**9
 
 
-def load_reference(model_dir: str | Path, layerwise: bool | None = None, transform=None):
+def load_reference(model_dir: str | Path, layerwise: bool | None = None, transform=None, adapter: Path | None = None):
     """The checkpoint in fp32 with transformers' built-in class (never remote code).
 
     layerwise (default: when the fp32 weights exceed LAYERWISE_ABOVE_BYTES): only the embedding, final norm
@@ -22,6 +23,8 @@ def load_reference(model_dir: str | Path, layerwise: bool | None = None, transfo
     transform(name, fp32 tensor) -> tensor replaces each parameter as it is loaded (the dequantized
     reference: what a quantized build must compute). A tied LM head then gets a copy of its own, made by
     transform("lm_head.weight", table), since a build may store the table and the head at different bits.
+    adapter: a PEFT LoRA folder, applied by PEFT itself; layerwise, merged into each weight as its layer is loaded
+    (lora.merged), since PEFT cannot wrap layers that wait on the meta device.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -33,7 +36,9 @@ def load_reference(model_dir: str | Path, layerwise: bool | None = None, transfo
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
         if transform is not None:
             _transform_loaded(model, transform)
-        return model.eval()
+        return (lora.apply_peft(model, adapter) if adapter is not None else model).eval()
+    if adapter is not None:
+        transform = lora.merged(lora.read("reference", Path(adapter), read_config(Path(model_dir))), transform)
     return _layerwise(Path(model_dir), config, transform)
 
 

@@ -168,6 +168,24 @@ def onnx_weights(adapter: Adapter, dtype: str = "float32") -> dict:
     return out
 
 
+def merged(adapter: Adapter, transform=None):
+    """load_reference's transform with the adapter merged into each weight it adapts, W + scaling * B @ A, as PEFT's
+    merge computes it: the reference for a checkpoint loaded one layer at a time, whose meta-device layers PEFT
+    cannot wrap. `transform` (the dequantizer's) is applied to W first."""
+    import torch
+
+    weights = onnx_weights(adapter)  # lora_A [in, r] and lora_B [r, out] * scaling
+
+    def apply(name: str, tensor):
+        tensor = transform(name, tensor) if transform is not None else tensor
+        a = weights.get(name.replace(".weight", ".lora_A.weight"))
+        if a is None:
+            return tensor
+        return tensor + torch.from_numpy(a @ weights[name.replace(".weight", ".lora_B.weight")]).T
+
+    return apply
+
+
 def apply_peft(model, folder: Path):
     """A transformers model with the adapter applied by PEFT itself (the reference a build's adapter is held to)."""
     from peft import PeftModel

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from phiedge.artifacts import WEIGHTS, ModelFolder, WeightDigests, read
-from phiedge.checkpoints import lora
 from phiedge.checkpoints.fp32 import load_reference
 from phiedge.errors import ModelError
 from phiedge.quantize import split_table
@@ -210,10 +209,11 @@ def dequantizer(graph: GraphWeights, recorded: WeightDigests):
     return transform
 
 
-def load(reference_dir: str | Path, graph: GraphWeights, recorded: WeightDigests, layerwise: bool | None = None):
+def load(reference_dir: str | Path, graph: GraphWeights, recorded: WeightDigests, layerwise: bool | None = None,
+         adapter: Path | None = None):
     """The checkpoint with the graph's dequantized weights, through the reference loader (layer by layer for
-    big models: each matrix is read from the graph and dequantized as its layer is loaded)."""
-    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(graph, recorded))
+    big models: each matrix is read from the graph and dequantized as its layer is loaded), with the adapter if any."""
+    return load_reference(reference_dir, layerwise=layerwise, transform=dequantizer(graph, recorded), adapter=adapter)
 
 
 def metrics(reference, built: Logits, ids: list[int], window: int) -> dict:
@@ -271,9 +271,7 @@ def compare(built: Logits, folder: ModelFolder, reference_dir: str | Path, preci
                    f"{', ...' if len(wrong) > 3 else ''})")
         return {"applies": True, "digests": digests, "metrics": None, "thresholds": settings.maxima(),
                 "failures": [failure], "passed": False}
-    reference = load(reference_dir, graph, recorded)
-    if adapter_dir is not None:
-        reference = lora.apply_peft(reference, adapter_dir)
+    reference = load(reference_dir, graph, recorded, adapter=adapter_dir)
     values = metrics(reference, built, ids[:settings.eval_tokens], window)
     failures = check(values, settings)
     return {"applies": True, "digests": digests, "metrics": values, "thresholds": settings.maxima(),

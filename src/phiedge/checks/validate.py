@@ -192,9 +192,7 @@ def validate(built_dir: str | Path | ModelFolder, reference_dir: str | Path, pre
         dequantized.digests_of(folder)  # a missing or unreadable digest file fails before anything is measured
     model, _ = model_safety.load(built_dir)
     active = load_adapter(model, str(built_dir), adapter[0]) if adapter else None
-    reference = load_reference(reference_dir)
-    if adapter:
-        reference = lora.apply_peft(reference, adapter[1])
+    reference = load_reference(reference_dir, adapter=adapter[1] if adapter else None)
     tokenizer = tokenizer_files.load(reference_dir)
     ids = eval_ids if eval_ids is not None else corpus.eval_ids(reference_dir, settings.eval_tokens)
     max_length = folder.config["search"]["max_length"]
