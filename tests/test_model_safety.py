@@ -148,11 +148,30 @@ def test_provider_options_and_unknown_providers_are_refused(bundle, loads):
     edit_config(bundle / "model", lambda c: session_options(c).update(provider_options=[{"dml": {"x": "1"}}]), bundle)
     manifest = json.loads((bundle / MANIFEST).read_text())
     (bundle / MANIFEST).write_text(json.dumps({**manifest, "execution_provider": "dml"}))
-    with pytest.raises(UnsafeModelError, match="provider_options.dml sets x, which phiedge never writes"):
+    with pytest.raises(UnsafeModelError, match=re.escape("provider_options.dml sets x ('1'), which phiedge never")):
         verify(bundle)
-    (bundle / MANIFEST).write_text(json.dumps({**manifest, "execution_provider": "qnn"}))
-    with pytest.raises(UnsafeModelError, match="execution provider 'qnn' is not one phiedge builds for"):
+    (bundle / MANIFEST).write_text(json.dumps({**manifest, "execution_provider": "openvino"}))
+    with pytest.raises(UnsafeModelError, match="execution provider 'openvino' is not one phiedge builds for"):
         verify(bundle)
+    assert loads == []
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({"backend_path": "/tmp/libQnnHtp.so"}, "backend_path ('/tmp/libQnnHtp.so')"),  # a library the bundle names
+    ({"backend_type": "gpu"}, "backend_type ('gpu')"),
+    ({"backend_type": "htp", "htp_arch": "73", "soc_model": "60", "profiling_file_path": "/etc/x"},
+     "profiling_file_path"),
+    ({"backend_type": "htp", "htp_arch": "73", "soc_model": "60"}, None),  # what phiedge writes for the NPU
+])
+def test_the_npu_provider_takes_only_the_options_phiedge_writes(bundle, loads, settings, refused):
+    """QNN's provider options can name a backend library to load: a bundle may only pick the installed provider's
+    HTP backend by type and the chip its context binaries are for."""
+    edit_config(bundle / "model", lambda c: session_options(c).update(provider_options=[{"qnn": settings}]), bundle)
+    if refused is None:
+        check_model_folder(bundle / "model", "qnn")
+        return
+    with pytest.raises(UnsafeModelError, match=re.escape(f"provider_options.qnn sets {refused}")):
+        check_model_folder(bundle / "model", "qnn")
     assert loads == []
 
 

@@ -7,7 +7,7 @@ from phiedge.cli import cli
 from phiedge.errors import PhiedgeError
 from phiedge.release import index, release
 
-TARGETS = ["android", "cpu", "ios", "windows-dml"]
+TARGETS = ["android", "cpu", "ios", "snapdragon-npu", "windows-dml"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_all_targets_give_bundles_and_an_index(first):
         assert (dist / b["file"]).stat().st_size == b["size_bytes"]
         assert b["file"] == f"phi-4-mini-synth-int4-{b['target']}-phiedge0.1.0.zip"
     by = {b["target"]: b for b in saved["bundles"]}
-    assert by["cpu"]["bench"]["tg32"] > 0
+    assert by["cpu"]["bench"]["tg32"] > 0 and "bench" not in by["snapdragon-npu"]  # a simulator's speed is no device's
     for target in ("android", "cpu", "ios"):  # the numbers the bundle's own validation report holds
         with zipfile.ZipFile(dist / by[target]["file"]) as zf:
             report = json.loads(zf.read(next(n for n in zf.namelist() if n.endswith("/validation.json"))))
@@ -41,9 +41,11 @@ def test_all_targets_give_bundles_and_an_index(first):
     assert by["windows-dml"]["validation"] is None and "bench" not in by["windows-dml"]
     assert "dml is not available" in by["windows-dml"]["not_validated_because"]
     md = (dist / "RELEASE.md").read_text()
-    assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 3
+    assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 4
+    npu = by["snapdragon-npu"]["validation"]
+    assert npu["enforced"] is False and npu["passed"] is None  # random weights, and no dequantized check (method builder)
     # the first of android, cpu and ios (same recipe, provider and int4 settings) makes the export the other two
-    # reuse; windows-dml has its own
+    # reuse; windows-dml and snapdragon-npu have their own
     assert progress.count("reusing the export made for target android") == 2 and "made for target cpu" not in progress
 
 

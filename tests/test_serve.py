@@ -222,17 +222,19 @@ def test_a_client_that_goes_away_mid_stream_stops_its_generation(server):
 
 
 def test_a_client_that_gives_up_on_a_plain_reply_stops_its_generation(server):
-    """Not streamed, nothing is written until the reply is done: the server still sees the client leave."""
+    """Not streamed, nothing is written until the reply is done: the server still sees the client leave. The model
+    writes 3800 tokens in about 14 s here; on a loaded 2-core CI machine the server took 5.7 s to see the client go
+    (1538 tokens), so the bound is what a server that never notices would exceed: stopping short of the end."""
     url = server["url"]
     before = httpx.get(f"{url}/health").json()["generated_tokens"]
-    body = {"model": NAME, "messages": MESSAGES, "max_tokens": 3000, "temperature": 0}
+    body = {"model": NAME, "messages": MESSAGES, "max_tokens": 3800, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
     gone = time.perf_counter()
     while (health := httpx.get(f"{url}/health").json())["queued"] and time.perf_counter() - gone < 30:
         time.sleep(0.05)
     assert not health["queued"]
-    assert health["generated_tokens"] - before < 1500
+    assert health["generated_tokens"] - before < 3000
     assert client(server).chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=2).usage
 
 

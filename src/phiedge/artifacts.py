@@ -299,13 +299,32 @@ class ModelFolder:
     @property
     def decoder(self) -> dict:
         decoder = (self.config.get("model") or {}).get("decoder") if isinstance(self.config, dict) else None
-        if not isinstance(decoder, dict) or not isinstance(decoder.get("filename"), str):
+        if not isinstance(decoder, dict) or not (isinstance(decoder.get("filename"), str) or self.stages):
             raise ArtifactError(f"{self.path / GENAI_CONFIG} names no model.decoder.filename")
         return decoder
 
     @property
+    def stages(self) -> list[dict]:
+        """A decoder-pipeline model's stages in run order (an NPU build: embeddings, context, iterator, LM head),
+        each with its `name`; [] for a model of one decoder file."""
+        decoder = (self.config.get("model") or {}).get("decoder") if isinstance(self.config, dict) else None
+        pipeline = decoder.get("pipeline") if isinstance(decoder, dict) else None
+        if not isinstance(pipeline, list):
+            return []
+        return [{**stage, "name": name} for entry in pipeline if isinstance(entry, dict)
+                for name, stage in entry.items() if isinstance(stage, dict) and isinstance(stage.get("filename"), str)]
+
+    @property
     def decoder_name(self) -> str:
-        return self.decoder["filename"]
+        """The decoder's file; in a pipeline, the model that decodes one token at a time (not run on the prompt)."""
+        if "filename" in self.decoder:
+            return self.decoder["filename"]
+        return next((s["filename"] for s in self.stages if s.get("run_on_prompt") is False), self.stages[-1]["filename"])
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every ONNX file genai_config.json names."""
+        return [s["filename"] for s in self.stages] or [self.decoder_name]
 
     @property
     def decoder_file(self) -> Path:

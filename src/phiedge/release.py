@@ -2,8 +2,9 @@
 
 DIST gets one bundle archive per target and a release index, `release.json` and `RELEASE.md`: per target
 the bundle's file name, size, SHA-256, validation numbers (or why there are none) and, where the graph
-runs here, a short benchmark. Targets whose recipe and settings agree share one Olive export. Bundles are
-byte-identical across runs on the same inputs; the benchmark numbers in the index are not.
+runs here on its own provider (not a simulator), a short benchmark. Targets whose recipe and settings agree
+share one Olive export. Bundles are byte-identical across runs on the same inputs; the benchmark numbers in the
+index are not.
 `phiedge index DIST` writes the same index for bundles made elsewhere (one CI job per target).
 """
 
@@ -106,7 +107,8 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
             archive = tmp / f"{bundle_name(record)}.zip"
             manifest = package(built, archive)
             e = entry(archive)
-            if run_bench and not (manifest.get("checks") or {}).get("not_run_here"):
+            target = catalog.find_target(name)
+            if run_bench and target.runs_here and not (target.checks and target.checks.simulated):
                 progress.step(f"bench {name}")
                 e["bench"] = short_bench(built)
             entries.append(e)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ProviderName = Literal["cpu", "cuda", "dml", "webgpu"]
+ProviderName = Literal["cpu", "cuda", "dml", "webgpu", "qnn"]
 Precision = Literal["int4", "fp32", "fp16"]
 
 
@@ -32,7 +32,11 @@ PROVIDERS: dict[str, Provider] = {
     "cuda": Provider("CUDAExecutionProvider", "gpu", ("int4", "fp16", "fp32"), "cuda", "onnxruntime-genai-cuda"),
     "dml": Provider("DmlExecutionProvider", "gpu", ("int4", "fp16"), "dml", "onnxruntime-genai-directml"),
     "webgpu": Provider("WebGpuExecutionProvider", "gpu", ("int4", "fp16", "fp32"), "webgpu", "onnxruntime-genai"),
+    # a plugin provider: onnxruntime-qnn's library, registered by the runtime's host program (generate.py), never a path
+    # from the model folder; on x86-64 Linux its HTP backend is Qualcomm's simulator
+    "qnn": Provider("QNNExecutionProvider", "npu", ("int4",), "qnn", "onnxruntime-genai"),
 }
+
 
 def choices(model: type[BaseModel], name: str) -> list[str]:
     """The values a Literal field of a schema model allows, as text (for a command-line choice)."""
@@ -264,9 +268,9 @@ class ValidationSettings(Strict):
 class Bundle(Strict):
     """How the bundle is laid out for the platform's apps, and what its runtime needs."""
 
-    layout: Literal["flat", "android", "ios", "windows"] = Field(
+    layout: Literal["flat", "android", "ios", "windows", "windows-npu"] = Field(
         "flat", description="flat: model/ + generate.py; android: app assets + Kotlin; ios: Xcode resources + "
-                            "Swift; windows: model/ + PowerShell runner")
+                            "Swift; windows: model/ + PowerShell runner; windows-npu: the same for a Snapdragon NPU")
     requirements: list[str] = Field(default_factory=lambda: ["onnxruntime-genai"],
                                     description="pip packages of the runtime (no version: the build's is added)")
 
@@ -284,6 +288,8 @@ class GraphChecks(Strict):
     max_opset: int = Field(ge=7, description="highest ai.onnx opset the target's ONNX Runtime implements")
     operators: str = Field(description="operator list under targets/operators/ (the provider's kernels)")
     numeric: bool = Field(description="the graph runs on this machine's CPU provider, so validation runs")
+    simulated: bool = Field(False, description="it runs here on a simulator of the device (QNN's HTP): validated, but "
+                                               "its speed here says nothing of the device's, so releases do not bench it")
 
 
 class OperatorKernel(Strict):
@@ -316,6 +322,15 @@ class OperatorSet(Strict):
     domains: dict[str, dict[str, OperatorKernel]]
 
 
+class NpuSettings(Strict):
+    """A static-shape graph for an NPU (Olive's StaticLLM) and the Qualcomm HTP it is compiled for."""
+
+    window: int = Field(64, ge=8, description="prompt tokens per run of the context model (the static prefill length); "
+                                              "the KV cache is the context cap")
+    htp_arch: int = Field(73, ge=68, description="Hexagon architecture the context binaries are compiled for")
+    soc_model: int = Field(60, ge=0, description="QNN's SoC id (60: SC8380XP, Snapdragon X Elite)")
+
+
 class Target(Strict):
     """A device class: how a model must be built to run well there."""
 
@@ -331,6 +346,16 @@ class Target(Strict):
     bundle: Bundle = Bundle()
     device: Device | None = Field(None, description="memory class of the device (None: no budget check)")
     checks: GraphChecks | None = Field(None, description="graph checks for a runtime that is not here")
+    npu: NpuSettings | None = Field(None, description="static shapes and the NPU they are compiled for (qnn only)")
+
+    @model_validator(mode="after")
+    def _npu_is_qnn(self) -> Target:
+        if (self.npu is not None) != (self.execution_provider == "qnn"):
+            raise ValueError("npu settings go with execution_provider qnn, and qnn needs them")
+        if self.npu is not None and self.context_cap <= self.npu.window:
+            raise ValueError(f"context_cap {self.context_cap} must exceed npu.window {self.npu.window}: the prompt is "
+                             "padded to a whole window before the first new token")
+        return self
 
     @field_validator("threads")
     @classmethod

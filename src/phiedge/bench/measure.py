@@ -21,7 +21,7 @@ import numpy as np
 from phiedge import __version__
 from phiedge.artifacts import ModelFolder, Opened
 from phiedge.bundle import model_safety
-from phiedge.bundle.generate import adapter_files, load_adapter
+from phiedge.bundle.generate import adapter_files, load_adapter, search_length
 from phiedge.errors import BenchError
 from phiedge.schema import PROVIDERS
 
@@ -63,7 +63,7 @@ def generator(model, max_length: int, adapter=None):
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=max_length, min_length=max_length, do_sample=False)
+    params.set_search_options(**search_length(model, max_length), min_length=max_length, do_sample=False)
     gen = og.Generator(model, params)
     if adapter is not None:  # (og.Adapters, name): that LoRA adapter active
         gen.set_active_adapter(*adapter)

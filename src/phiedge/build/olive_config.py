@@ -73,7 +73,12 @@ def fill(recipe: dict, target: Target, model_dir: Path, workdir: Path, precision
         load = data.get("load_dataset_config", {})
         if load.get("data_name") == "json" and load.get("data_files") is None:
             load["data_files"] = str(calibration_file(workdir))
+    if target.npu is not None:
+        # the NPU graph's embedding lookup (on the CPU) is a GatherBlockQuantized too, as in Olive's QNN recipes
+        builder["int4_op_types_to_quantize"] = ["MatMul", "Gather"]
     for p in config["passes"].values():
+        if p["type"] == "StaticLLM" and target.npu is not None:  # the static prompt window
+            p["context_length"] = target.npu.window
         if p["type"] in QUANTIZING_PASSES:  # quantization before the builder: the target's block and symmetry
             p.update(bits=4, group_size=int4.block_size, sym=int4.symmetric)
     config["cache_dir"] = str(workdir / "olive-cache")

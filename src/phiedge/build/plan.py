@@ -115,6 +115,9 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     cap = options.context_cap if options.context_cap is not None else target.context_cap
     if cap < 1:
         problems.append(f"context cap must be at least 1, not {cap}")
+    elif target.npu is not None and cap <= target.npu.window:
+        problems.append(f"context cap {cap} must exceed the NPU's prompt window ({target.npu.window} tokens): the KV "
+                        "cache holds the padded prompt and the reply")
     threads = options.threads if options.threads is not None else target.threads
     if threads == "auto":
         threads = os.cpu_count() or 1

@@ -9,9 +9,10 @@ from phiedge import __version__
 STACK = ("olive-ai", "onnx", "onnxruntime", "onnxruntime-genai", "transformers", "torch")
 
 
-def stack_versions() -> dict[str, str]:
+def stack_versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The stack's versions; `extra`: packages a target's runtime adds (onnxruntime-qnn for the NPU)."""
     found = {"phiedge": __version__}
-    for name in STACK:
+    for name in STACK + extra:
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -15,16 +15,17 @@ from pathlib import Path
 
 from phiedge import __version__, genai_config
 from phiedge.artifacts import RECORD, REPORT, WEIGHTS, AdapterEntry, ModelFolder, WeightDigests, sha256
-from phiedge.build import graph_fixes, lora_graph, olive, olive_config
+from phiedge.build import graph_fixes, lora_graph, npu, olive, olive_config
 from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions, Plan, plan
-from phiedge.build.record import reproducible, stack_versions
+from phiedge.build.record import STACK, reproducible, stack_versions
 from phiedge.bundle.smoke import smoke_generate
 from phiedge.checkpoints import tokenizer_files
 from phiedge.checkpoints.checkpoint import parameter_shapes
 from phiedge.checkpoints.corpus import write_calibration
 from phiedge.checks import budget, files, operators
 from phiedge.checks.validate import raise_on_failure, validate
+from phiedge.errors import BuildError
 from phiedge.progress import Progress
 from phiedge.quantize import calibrate, prequant, split_table
 from phiedge.workspace import check_output, staged_dir
@@ -147,13 +148,59 @@ def export(b: Build) -> None:
 def fix(b: Build) -> None:
     """What the builder gets wrong or leaves out: LayerNorm epsilons, the context cap, the thread count, the
     checkpoint's stop tokens and sampling defaults, and the split pattern of a tokenizer it converted."""
-    b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
+    if not b.folder.stages:  # a pipeline's norms are L2Norms with no epsilon (recipes/qnn.yaml's surgeries)
+        b.fixed = graph_fixes.layernorm_epsilon(b.folder.decoder_file, b.plan.checkpoint.config)
     b.runtime = genai_config.apply_runtime(b.tmp, b.plan.context_cap, b.plan.threads)
     b.runtime["generation"] = genai_config.apply_generation(b.tmp, b.plan.checkpoint.path)
     conversion = tokenizer_files.apply(b.tmp, b.plan.checkpoint.path, b.plan.checkpoint.variant)
     if conversion:
         b.runtime["tokenizer"] = conversion.model_dump()
         b.progress.step(f"tokenizer.json converted from vocab.json and merges.txt, split as {conversion.split_from}")
+    b.folder.reload()
+
+
+def compile_for_npu(b: Build) -> None:
+    """NPU targets: the static decoder models fixed for the HTP (KV length, full rotary), checked against the
+    provider's operator list, compiled to QNN context binaries with CPU fallback off, and named in genai_config.json
+    with the provider's options; the KV length is the context cap (build/npu.py)."""
+    p, settings = b.plan, b.plan.target.npu
+    if settings is None:
+        return
+    stages = {s["name"]: s for s in b.folder.stages}
+    missing = [name for name in npu.DECODER_STAGES if name not in stages]
+    if missing:
+        raise BuildError(f"Olive's output has no {', '.join(missing)} model: not a static NPU pipeline")
+    names = [stages[name]["filename"] for name in npu.DECODER_STAGES]
+    rewritten = npu.fix_static(b.tmp, names, p.context_cap)
+    b.progress.step(f"NPU: KV cache fixed at {p.context_cap} tokens; {rewritten} attention node(s) given a full-head "
+                    "rotary (the same function, which QNN's HTP computes right)")
+    config = genai_config.read(b.tmp)
+    config["model"]["context_length"] = config["search"]["max_length"] = p.context_cap
+    options = npu.provider_options(settings)
+    for entry in config["model"]["decoder"]["pipeline"]:
+        for name, stage in entry.items():
+            if name in npu.DECODER_STAGES:
+                stage["session_options"] = {"provider_options": [{p.target.provider.genai: options}]}
+    genai_config.write(b.tmp, config)
+    b.folder.reload()
+    if p.target.checks is not None:
+        b.graph = operators.check_graph(b.folder, p.target.execution_provider, p.target.checks, names)
+    b.progress.step(f"NPU: compiling {' and '.join(names)} for the QNN HTP (htp_arch {settings.htp_arch}, soc_model "
+                    f"{settings.soc_model}) with CPU fallback off")
+    compiled = {}
+    for name in names:
+        written = npu.compile_context_binary(b.tmp, name, settings)
+        compiled[name] = next(f for f in written if f.endswith(npu.CONTEXT_SUFFIX))
+        for old in (b.tmp / name, b.tmp / f"{name}.data"):
+            old.unlink(missing_ok=True)
+        b.files = [f for f in b.files if f not in (name, f"{name}.data")] + written
+    for entry in config["model"]["decoder"]["pipeline"]:
+        for stage in entry.values():
+            stage["filename"] = compiled.get(stage["filename"], stage["filename"])
+    genai_config.write(b.tmp, config)
+    b.runtime.update(max_length=p.context_cap, context_length=p.context_cap)
+    b.runtime["npu"] = {**settings.model_dump(), "kv_length": p.context_cap, "full_rotary_nodes": rewritten,
+                        "context_binaries": sorted(compiled.values()), "provider_options": options}
     b.folder.reload()
 
 
@@ -180,7 +227,7 @@ def check(b: Build) -> None:
     p = b.plan
     b.progress.step("checking the output")
     b.found = files.check_model_dir(b.folder)
-    if p.target.checks is not None:
+    if p.target.checks is not None and b.graph is None:  # an NPU build's decoder graphs were checked before compiling
         b.graph = operators.check_graph(b.folder, p.target.execution_provider, p.target.checks)
     if p.target.runs_here:
         smoke_generate(b.tmp, adapters=[a.name for a in p.adapters])
@@ -251,15 +298,15 @@ def write_record(b: Build) -> None:
         "validation": None if report is None else validation_summary(report),
         "files": sorted(b.found["files"] + [RECORD] + ([REPORT] if report else [])),
         "size_bytes": sum((b.tmp / f).stat().st_size for f in b.files),
-        "weights": budget.weight_accounting(b.folder),
+        "weights": None if b.folder.stages else budget.weight_accounting(b.folder),
         "adapters": b.adapters,
         "build_seconds": round(time.perf_counter() - b.started, 1),
-        "versions": stack_versions(),
+        "versions": stack_versions(tuple(r for r in p.target.bundle.requirements if r not in STACK)),
     }
     (b.tmp / RECORD).write_text(json.dumps(reproducible(b.record), indent=2) + "\n")
 
 
-STAGES = (export, fix, add_adapters, check, numeric_validation, write_record)
+STAGES = (export, fix, compile_for_npu, add_adapters, check, numeric_validation, write_record)
 
 
 def build(model_dir: str | Path, target_name: str, out: str | Path, options: BuildOptions = BuildOptions(),

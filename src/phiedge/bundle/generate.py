@@ -26,12 +26,43 @@ import onnxruntime_genai as og  # noqa: E402
 
 def load(model_dir: str, threads: int | None = None) -> tuple[og.Model, og.Tokenizer]:
     """Load the model and its tokenizer; optionally override the thread count of genai_config.json."""
+    if "qnn" in providers(model_dir):
+        register_qnn()
     config = og.Config(model_dir)
     if threads:
         overlay = {"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}
         config.overlay(json.dumps(overlay))
     model = og.Model(config)
     return model, og.Tokenizer(model)
+
+
+def providers(model_dir: str) -> set[str]:
+    """The execution providers genai_config.json asks for, in the decoder or any model of a pipeline."""
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    sessions = [decoder.get("session_options", {})] + [stage.get("session_options", {})
+                                                       for entry in decoder.get("pipeline", []) for stage in entry.values()]
+    return {name for options in sessions for entry in options.get("provider_options", []) for name in entry}
+
+
+def register_qnn() -> None:
+    """The Qualcomm NPU's provider (QNN) is a plugin: its library comes from the installed onnxruntime-qnn package
+    (pip install onnxruntime-qnn), never from the model folder, and is registered once per process."""
+    import onnxruntime_qnn
+
+    try:
+        og.register_execution_provider_library("QNNExecutionProvider", onnxruntime_qnn.get_library_path())
+    except RuntimeError as exc:
+        if "already registered" not in str(exc):
+            raise
+
+
+STATIC = "decoder-pipeline"  # an NPU model: static windows and a KV cache of fixed length (genai's max_length)
+
+
+def search_length(model: og.Model, tokens: int) -> dict:
+    """The search option that sizes the KV cache for `tokens`; none for a static model, whose KV length is fixed
+    and whose prompt is padded to whole windows."""
+    return {} if model.type == STATIC else {"max_length": tokens}
 
 
 ADAPTER_SUFFIX = ".onnx_adapter"  # a LoRA adapter file beside the model; its name is the file's stem
@@ -64,7 +95,7 @@ def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int = 128, 
     """Yield new token ids one at a time; stops at an end token or after max_new_tokens. `adapter`: the LoRA
     adapter (load_adapter's) to run with; without it the base model runs."""
     params = og.GeneratorParams(model)
-    options = {"max_length": len(prompt_ids) + max_new_tokens}
+    options = search_length(model, len(prompt_ids) + max_new_tokens)
     if temperature > 0:  # sample from the softmax of logits / temperature, cut to top-k / top-p
         options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or 0)
     else:  # greedy: always the most likely token
@@ -74,7 +105,9 @@ def generate(model: og.Model, prompt_ids: list[int], max_new_tokens: int = 128, 
     if adapter is not None:
         generator.set_active_adapter(*adapter)  # its weights fill the graph's LoRA inputs for this generator
     generator.append_tokens(prompt_ids)  # prefill: the whole prompt in one forward pass
-    while not generator.is_done():  # is_done: end token seen or max_length reached
+    for _ in range(max_new_tokens):
+        if generator.is_done():  # is_done: end token seen or max_length reached
+            break
         generator.generate_next_token()  # one decode step: forward, then pick the next token
         yield int(generator.get_next_tokens()[0])
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from pydantic import Field, ValidationError
 
@@ -32,6 +33,8 @@ class SessionOptions(Strict):
 
 class DecoderInputs(Strict):
     input_ids: str | None = None
+    past_sequence_length: str | None = None  # a static NPU pipeline's (Olive's StaticLLM)
+    total_sequence_length: str | None = None
     inputs_embeds: str | None = None
     attention_mask: str | None = None
     position_ids: str | None = None
@@ -45,9 +48,30 @@ class DecoderOutputs(Strict):
     present_value_names: str | None = None
 
 
+class PipelineModel(Strict):
+    """One model of a decoder pipeline (an NPU build: embeddings, context, iterator, LM head)."""
+
+    filename: str
+    inputs: list[str] = []
+    outputs: list[str] = []
+    session_options: SessionOptions = SessionOptions()
+    run_on_prompt: bool | None = None
+    run_on_token_gen: bool | None = None
+    is_lm_head: bool | None = None
+
+
+class SlidingWindow(Strict):
+    window_size: int = Field(ge=1)
+    pad_value: int = 0
+    alignment: Literal["left", "right"] = "left"
+    slide_key_value_cache: bool = False
+
+
 class Decoder(Strict):
     session_options: SessionOptions = SessionOptions()
     filename: str | None = None
+    pipeline: list[dict[str, PipelineModel]] | None = None
+    sliding_window: SlidingWindow | None = None
     head_size: int | None = None
     hidden_size: int | None = None
     inputs: DecoderInputs | None = None
@@ -120,9 +144,14 @@ def recorded_provider(model_dir: Path) -> str | None:
     return read(BuildRecord, path).execution_provider if path.is_file() else None  # malformed: ArtifactError
 
 
+# The provider options phiedge writes (build/npu.py), each with the values it may take. Never a library path
+# (`backend_path`): the QNN backend is the installed provider's own, chosen by type.
+PROVIDER_SETTINGS = {"qnn": {"backend_type": lambda v: v == "htp", "htp_arch": str.isdigit, "soc_model": str.isdigit}}
+
+
 def check_providers(where: Path, options: list[dict], provider: str | None) -> None:
     """Each provider_options entry names the target's provider (any phiedge target's when unknown), with
-    no options: the builder writes none for the providers phiedge's targets use."""
+    only the options phiedge writes for it: none for the builder's providers, the HTP's for QNN."""
     known = {t.execution_provider for t in catalog.targets().values()}
     if provider is not None and (not isinstance(provider, str) or provider not in known):
         raise UnsafeModelError(f"{where}: execution provider {provider!r} is not one phiedge builds for "
@@ -133,9 +162,11 @@ def check_providers(where: Path, options: list[dict], provider: str | None) -> N
             if name not in allowed:
                 raise UnsafeModelError(f"{where}: provider_options names {name!r}; the target's provider "
                                        f"({provider or 'any phiedge target'}) allows {sorted(allowed) or 'none'}")
-            if settings:
-                raise UnsafeModelError(f"{where}: provider_options.{name} sets {', '.join(sorted(settings))}, "
-                                       "which phiedge never writes")
+            allowed_settings = PROVIDER_SETTINGS.get(name, {})
+            unknown = sorted(k for k, v in settings.items() if k not in allowed_settings or not allowed_settings[k](v))
+            if unknown:
+                raise UnsafeModelError(f"{where}: provider_options.{name} sets {', '.join(unknown)} "
+                                       f"({', '.join(repr(settings[k]) for k in unknown)}), which phiedge never writes")
 
 
 def tensors(message):
@@ -160,6 +191,15 @@ def check_external_data(model_dir: Path, onnx_path: Path) -> None:
         model = onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors share no base class
         raise UnsafeModelError(f"{onnx_path}: not a readable ONNX file ({exc})") from None
+    for node in model.graph.node:  # a compiled NPU model: its QNN context binary is a file beside it
+        if node.op_type != "EPContext":
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        cache = attrs.get("ep_cache_context", b"")
+        cache = cache.decode("utf-8", "replace") if isinstance(cache, bytes) else str(cache)
+        if attrs.get("embed_mode", 1) == 0 and leaves(model_dir, onnx_path.parent, cache):
+            raise UnsafeModelError(f"{onnx_path}: EPContext node {node.name!r} reads its context binary from "
+                                   f"{cache!r}, outside the model folder")
     for tensor in tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -185,10 +225,17 @@ def check_model_folder(model_dir: str | Path, provider: str | None = None) -> No
     except ValidationError as exc:
         raise UnsafeModelError(f"{where}: " + "; ".join(problem(e) for e in exc.errors())) from None
     decoder = config.model.decoder
-    check_providers(where, decoder.session_options.provider_options, provider or recorded_provider(model_dir))
+    provider = provider or recorded_provider(model_dir)
+    check_providers(where, decoder.session_options.provider_options, provider)
     if decoder.filename is not None and leaves(model_dir, model_dir, decoder.filename):
         raise UnsafeModelError(f"{where}: model.decoder.filename {decoder.filename!r} is not a file inside the "
                                "model folder")
+    for entry in decoder.pipeline or []:
+        for name, stage in entry.items():
+            check_providers(where, stage.session_options.provider_options, provider)
+            if leaves(model_dir, model_dir, stage.filename):
+                raise UnsafeModelError(f"{where}: model.decoder.pipeline {name}.filename {stage.filename!r} is not a "
+                                       "file inside the model folder")
     for entry in sorted(model_dir.rglob("*")):
         if entry.is_symlink() and outside(entry, model_dir):
             raise UnsafeModelError(f"{entry} links outside the model folder")

@@ -13,6 +13,7 @@ Layouts (the target's `bundle.layout`):
 - android: `app/src/main/assets/phi/` (app assets) and `app/src/main/java/ai/phiedge/PhiedgeChat.kt`
 - ios: `Resources/phi/` (an Xcode folder reference) and `Sources/PhiedgeChat.swift`
 - windows: `model/` and `run.ps1`
+- windows-npu: `model/` and `run.ps1` (Windows on Arm, the Snapdragon NPU through onnxruntime-qnn)
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ LAYOUTS = {  # layout -> (model folder in the bundle, {bundle path: template fil
     "android": ("app/src/main/assets/phi", {"app/src/main/java/ai/phiedge/PhiedgeChat.kt": "android/PhiedgeChat.kt"}),
     "ios": ("Resources/phi", {"Sources/PhiedgeChat.swift": "ios/PhiedgeChat.swift"}),
     "windows": ("model", {"run.ps1": "windows/run.ps1"}),
+    "windows-npu": ("model", {"run.ps1": "windows/run.ps1"}),
 }
 HOW_TO_RUN = {
     "flat": "    pip install -r requirements.txt\n    python generate.py model --prompt \"Hello\"",
@@ -66,6 +68,13 @@ HOW_TO_RUN = {
                "onnxruntime-directml 1.26 or newer, which PyPI did not carry; DirectML is deprecated upstream in\n"
                "favour of Windows ML. If pip cannot resolve requirements.txt, install both from the ONNX Runtime\n"
                "GenAI release page.",
+    "windows-npu": "On a Windows on Arm PC with a Snapdragon NPU (Snapdragon X), in PowerShell:\n\n"
+                   "    .\\run.ps1 -Prompt \"Hello\"\n\n"
+                   "It installs onnxruntime-genai and onnxruntime-qnn (the QNN execution provider, with its HTP\n"
+                   "libraries) into .venv; generate.py registers the provider from that package. The decoder runs on the\n"
+                   "NPU from QNN context binaries compiled for the chip in the manifest (`runtime.npu` of the build\n"
+                   "record: htp_arch, soc_model); the embedding lookup and the LM head run on the CPU. Prompts are\n"
+                   "processed in windows of a fixed length and the KV cache has a fixed length (the context cap).",
 }
 
 
@@ -180,7 +189,7 @@ def requirements(record: BuildRecord) -> bytes:
     """The runtime's pip packages, at least the version that built the model."""
     runtime = record.versions.get("onnxruntime-genai", "0")
     packages = (record.bundle or {}).get("requirements") or ["onnxruntime-genai"]
-    return "".join(f"{p}>={runtime}\n" for p in packages).encode()
+    return "".join(f"{p}>={record.versions.get(p, runtime)}\n" for p in packages).encode()
 
 
 def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:

@@ -29,9 +29,9 @@ def estimate(folder: ModelFolder) -> dict:
     """Bytes of the weights on disk and of the KV cache at the folder's max_length."""
     decoder = folder.decoder
     max_length = folder.config["search"]["max_length"]
-    weights = sum(p.stat().st_size for p in folder.path.iterdir() if p.name.endswith((".onnx", ".onnx.data")))
+    weights = sum(p.stat().st_size for p in folder.path.iterdir() if p.name.endswith((".onnx", ".onnx.data", ".bin")))
     kv = kv_cache_bytes(decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"],
-                        max_length, kv_element_bytes(folder.graph))
+                        max_length, kv_element_bytes(folder.graph))  # a pipeline's: its iterator's
     return {"weights_bytes": weights, "kv_cache_bytes": kv, "max_length": max_length, "total_bytes": weights + kv}
 
 

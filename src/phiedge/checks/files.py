@@ -8,11 +8,13 @@ from phiedge.errors import BuildError
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def external_data_problems(folder: ModelFolder) -> list[str]:
-    """Every external tensor's file exists and holds its bytes (a truncated .data crashes at load)."""
+def external_data_problems(folder: ModelFolder, name: str | None = None) -> list[str]:
+    """Every external tensor's file exists and holds its bytes (a truncated .data crashes at load). `name`: one
+    of a pipeline's model files (default: the decoder)."""
     import onnx
 
-    onnx_path, model = folder.decoder_file, folder.graph
+    onnx_path = folder.path / name if name else folder.decoder_file
+    model = onnx.load(str(onnx_path), load_external_data=False) if name else folder.graph
     sizes: dict[str, int] = {}
     problems = []
     for tensor in model.graph.initializer:
@@ -33,13 +35,14 @@ def external_data_problems(folder: ModelFolder) -> list[str]:
 def check_model_dir(folder: ModelFolder) -> dict:
     """The files ONNX Runtime GenAI needs are there and consistent; returns what it found."""
     model_dir = folder.path
-    filename = folder.decoder_name
-    if not filename or not (model_dir / filename).is_file():
-        raise BuildError(f"genai_config.json names model file {filename!r}, which is not in {model_dir}")
+    for filename in folder.model_names:
+        if not filename or not (model_dir / filename).is_file():
+            raise BuildError(f"genai_config.json names model file {filename!r}, which is not in {model_dir}")
     missing = [f for f in TOKENIZER_FILES if not (model_dir / f).is_file()]
     if missing:
         raise BuildError(f"{model_dir} lacks tokenizer files: {', '.join(missing)}")
-    problems = external_data_problems(folder)
-    if problems:
-        raise BuildError(f"{model_dir / filename}: {problems[0]}")
-    return {"model_file": filename, "files": sorted(p.name for p in model_dir.iterdir() if p.is_file())}
+    for filename in folder.model_names:
+        problems = external_data_problems(folder, filename if folder.stages else None)
+        if problems:
+            raise BuildError(f"{model_dir / filename}: {problems[0]}")
+    return {"model_file": folder.decoder_name, "files": sorted(p.name for p in model_dir.iterdir() if p.is_file())}

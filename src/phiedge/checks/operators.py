@@ -90,8 +90,9 @@ def unsupported(model, ops: OperatorSet) -> list[str]:
     return list(problems.values())
 
 
-def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks) -> dict:
-    """Raise BuildError listing every problem; return what was checked, for the build record and manifest."""
+def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks, names: list[str] | None = None) -> dict:
+    """Raise BuildError listing every problem; return what was checked, for the build record and manifest.
+    `names`: the model files to check (a pipeline's models for the provider; default: the decoder)."""
     import onnx
 
     decoder = folder.decoder
@@ -100,13 +101,16 @@ def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks) -> dict
         raise BuildError(f"operator list {checks.operators!r} not found under targets/operators/ "
                          f"(known: {', '.join(sorted(sets))})")
     ops = sets[checks.operators]
-    model = onnx.shape_inference.infer_shapes(folder.graph)  # a new model: the folder's is left as it was
-    problems = unsupported(model, ops)
-    opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
+    graphs_read = [onnx.load(str(folder.path / name), load_external_data=False) for name in names] if names \
+        else [folder.graph]
+    models = [onnx.shape_inference.infer_shapes(g) for g in graphs_read]  # new models: the folder's are left as they were
+    problems = list(dict.fromkeys(p for model in models for p in unsupported(model, ops)))
+    opset = max(next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0) for model in models)
     if opset > checks.max_opset:
         problems.append(f"ai.onnx opset {opset} is above {checks.max_opset}, the highest the target's runtime runs")
-    options = decoder.get("session_options", {}).get("provider_options", [])
-    named = [name for entry in options for name in entry]
+    sessions = [decoder.get("session_options", {})] + [s.get("session_options", {}) for s in folder.stages
+                                                       if not names or s["filename"] in names]
+    named = sorted({name for options in sessions for entry in options.get("provider_options", []) for name in entry})
     want = PROVIDERS[provider].genai
     if want is not None and want not in named:
         problems.append(f"genai_config.json provider_options name {named or 'no provider'}, not {want!r}")
@@ -115,7 +119,7 @@ def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks) -> dict
     if problems:
         raise BuildError(f"the graph does not suit {ops.provider}: " + "; ".join(problems))
     counts = Counter(f"{'ai.onnx' if n.domain in DEFAULT_DOMAINS else n.domain}::{n.op_type}"
-                     for n in nodes(model))
+                     for model in models for n in nodes(model))
     return {"provider": ops.provider, "operator_list": checks.operators, "operator_source": ops.source,
             "opset": opset, "max_opset": checks.max_opset, "operators": dict(sorted(counts.items())),
-            "provider_options": named}
+            "provider_options": named, **({"models": list(names)} if names else {})}

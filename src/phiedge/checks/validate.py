@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from phiedge import catalog
 from phiedge.artifacts import GENAI_CONFIG, REPORT, ModelFolder
 from phiedge.bundle import model_safety
-from phiedge.bundle.generate import load_adapter
+from phiedge.bundle.generate import load_adapter, search_length
 from phiedge.catalog import pydantic_problems
 from phiedge.checkpoints import corpus, hub, lora, tokenizer_files
 from phiedge.checkpoints.checkpoint import synth_record
@@ -74,6 +74,8 @@ def accumulate(sums: Sums, ref_logits: np.ndarray, built_logits: np.ndarray, tar
 def logits_every_position(folder: ModelFolder) -> bool:
     """Whether the graph gives logits for every input position, or for the last one only (the builder's
     prune_lm_head, phiedge's default: its logits output is [batch, 1, vocab])."""
+    if folder.stages:  # a pipeline's LM head gives logits for every position of the window
+        return True
     graph = folder.graph.graph
     logits = next(o for o in graph.output if o.name == "logits")
     return logits.type.tensor_type.shape.dim[1].dim_value != 1
@@ -86,13 +88,13 @@ def built_logits(model, ids: list[int], every_position: bool, adapter=None) -> n
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
+    params.set_search_options(**search_length(model, len(ids) + 1))
     generator = og.Generator(model, params)
     if adapter is not None:
         generator.set_active_adapter(*adapter)
     if every_position:
-        generator.append_tokens(ids)
-        return np.asarray(generator.get_output("logits"))[0]
+        generator.append_tokens(ids)  # a static model pads the ids to its window: its logits for the ids come first
+        return np.asarray(generator.get_output("logits"))[0][:len(ids)]
     rows = []
     for token in ids:
         generator.append_tokens([token])

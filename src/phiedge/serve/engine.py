@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phiedge.bundle.generate import adapter_files
+from phiedge.bundle.generate import adapter_files, search_length
 from phiedge.bundle.model_safety import load
 from phiedge.errors import ServerBusy, ServeRequestError
 
@@ -109,7 +109,7 @@ class Engine:
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
-        options = {"max_length": len(job.prompt_ids) + job.max_new_tokens, "do_sample": job.temperature > 0}
+        options = {**search_length(self.model, len(job.prompt_ids) + job.max_new_tokens), "do_sample": job.temperature > 0}
         if job.temperature > 0:
             options.update(temperature=job.temperature, top_p=job.top_p)
         if job.seed is not None:
@@ -126,7 +126,9 @@ class Engine:
                 raise
             raise ServeRequestError(f"the schema cannot constrain decoding: {str(exc).splitlines()[0][:300]}") from None
         generator.append_tokens(job.prompt_ids)
-        while not generator.is_done() and not job.cancelled.is_set():
+        for _ in range(job.max_new_tokens):
+            if generator.is_done() or job.cancelled.is_set():
+                break
             generator.generate_next_token()
             self.generated += 1
             job.loop.call_soon_threadsafe(job.out.put_nowait, int(generator.get_next_tokens()[0]))

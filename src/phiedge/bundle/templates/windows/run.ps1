@@ -1,7 +1,9 @@
-# run.ps1: run this bundle's Phi model on a Windows DirectX 12 GPU (DirectML) with ONNX Runtime GenAI.
+# run.ps1: run this bundle's Phi model with ONNX Runtime GenAI on Windows: a DirectX 12 GPU (DirectML) or, on a
+# Windows on Arm PC, the Snapdragon NPU (QNN), as the bundle's requirements.txt says.
 #   .\run.ps1 -Prompt "Write a haiku about edge devices" [-MaxLength 256] [more generate.py options]
-# The first run creates .venv next to this script and installs requirements.txt (onnxruntime-genai-directml).
-# Needs 64-bit Python 3.11 or newer from python.org. If scripts are blocked, start it with:
+# The first run creates .venv next to this script and installs requirements.txt
+# (onnxruntime-genai-directml; or onnxruntime-genai and onnxruntime-qnn, whose QNN provider generate.py registers).
+# Needs 64-bit Python 3.11 or newer from python.org (ARM64 on Windows on Arm). If scripts are blocked, start it with:
 #   powershell -ExecutionPolicy Bypass -File .\run.ps1 -Prompt "..."
 # -MaxLength is the number of new tokens (generate.py --max-new-tokens). Extra options, e.g. --chat or
 # --temperature 0.7, go through to generate.py unchanged.
