@@ -76,6 +76,13 @@ def test_cli_formats_hold_the_same_numbers(runner, builds, tmp_path):
     assert bad.exit_code == 1 and "neither a phiedge bundle" in bad.output and "Traceback" not in bad.output
 
 
-def test_the_provider_is_the_one_genai_config_names():
-    assert bench_module.provider({"session_options": {"provider_options": [{"dml": {}}]}}) == "dml"
-    assert bench_module.provider({"session_options": {}}) == bench_module.provider({}) == "cpu"
+def test_the_provider_is_the_one_genai_config_names(tmp_path):
+    def named(decoder: dict) -> str:
+        (tmp_path / "genai_config.json").write_text(json.dumps({"model": {"decoder": decoder}}))
+        return bench_module.provider(tmp_path)
+
+    assert named({"session_options": {"provider_options": [{"dml": {}}]}}) == "dml"
+    assert named({"session_options": {}}) == named({}) == "cpu"
+    assert named({"pipeline": [{"embeddings": {"filename": "e.onnx"}},  # an NPU build: its decoder models name it
+                               {"iterator": {"filename": "i.onnx", "session_options": {
+                                   "provider_options": [{"qnn": {"backend_type": "htp"}}]}}}]}) == "qnn"

@@ -355,6 +355,9 @@ class Target(Strict):
         if self.npu is not None and self.context_cap <= self.npu.window:
             raise ValueError(f"context_cap {self.context_cap} must exceed npu.window {self.npu.window}: the prompt is "
                              "padded to a whole window before the first new token")
+        if self.npu is not None and self.validation.window > self.npu.window:
+            raise ValueError(f"validation.window {self.validation.window} must not exceed npu.window "
+                             f"{self.npu.window}: a static model takes one window of prompt at a time")
         return self
 
     @field_validator("threads")

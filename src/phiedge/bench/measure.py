@@ -21,7 +21,7 @@ import numpy as np
 from phiedge import __version__
 from phiedge.artifacts import ModelFolder, Opened
 from phiedge.bundle import model_safety
-from phiedge.bundle.generate import adapter_files, load_adapter, search_length
+from phiedge.bundle.generate import adapter_files, load_adapter, prompt_window, providers, search_length
 from phiedge.errors import BenchError
 from phiedge.schema import PROVIDERS
 
@@ -114,9 +114,9 @@ def model_info(bundle: Opened) -> tuple[ModelFolder, dict]:
     return bundle.folder, {}
 
 
-def provider(decoder: dict) -> str:
-    """The execution provider the model runs on: the one genai_config.json names, or the CPU."""
-    named = [name for entry in decoder.get("session_options", {}).get("provider_options", []) for name in entry]
+def provider(model_dir: Path) -> str:
+    """The execution provider the model runs on: the one genai_config.json names (a pipeline's too), or the CPU."""
+    named = providers(str(model_dir))
     return next((key for key, p in PROVIDERS.items() if p.genai is not None and p.genai in named), "cpu")
 
 
@@ -134,6 +134,11 @@ def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warm
     too_long = [t.name for t in tests if max(t.n_prompt, t.n_depth + t.n_gen) + 2 > cap]
     if too_long:
         raise BenchError(f"tests {', '.join(too_long)} exceed the model's max_length {cap}")
+    window = prompt_window(str(model_dir))
+    too_wide = [t.name for t in tests if window is not None and max(t.n_prompt, t.n_depth) > window]
+    if too_wide:
+        raise BenchError(f"tests {', '.join(too_wide)} have prompts over this NPU model's static window ({window} "
+                         "tokens)")
     model, _ = model_safety.load(model_dir, threads)
     known = adapter_files(str(model_dir))
     unknown = [a for a in adapters if a not in known]
@@ -148,7 +153,7 @@ def bench(root: str | Path | Opened, tests: list[BenchTest], reps: int = 5, warm
     vocab = min(config["model"]["vocab_size"], 1000)  # ordinary tokens: ids below any special token
     base = {"phiedge_version": __version__, "onnxruntime_genai_version": version("onnxruntime-genai"),
             "onnxruntime_version": version("onnxruntime"), "cpu_info": cpu_info(), "n_cores": os.cpu_count(),
-            "os": platform.platform(), "provider": provider(decoder),
+            "os": platform.platform(), "provider": provider(model_dir),
             "n_threads": threads or decoder.get("session_options", {}).get("intra_op_num_threads"),
             "model_variant": info.get("variant"), "model_precision": info.get("precision"),
             "model_int4": info.get("int4"), "model_n_params": info.get("params"),

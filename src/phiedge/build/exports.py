@@ -22,7 +22,7 @@ class Exports:
     @staticmethod
     def key(p: Plan, calibration: str | None) -> str:
         return json.dumps([p.recipe_name, p.precision, p.int4.model_dump(), p.target.execution_provider,
-                           str(p.checkpoint.path), calibration], sort_keys=True)
+                           str(p.checkpoint.path), calibration, p.target.npu and p.target.npu.window], sort_keys=True)
 
     @staticmethod
     def copy(src: Path, dest: Path) -> list[str]:

@@ -14,8 +14,8 @@ iterator (one token) and an LM head. Three things are left to phiedge, each meas
   sits half a head apart and the unrotated dimensions pair with each other, and the caches are padded with cos 1,
   sin 0 (a rotation by zero). Attention scores are dot products of query and key, which one permutation of both
   leaves unchanged; values and outputs are untouched.
-- Olive 0.13 will not run its context-binary pass on Linux, so ONNX Runtime compiles each decoder model here with
-  CPU fallback off: a node the HTP cannot take fails the build, so a written context binary means every decoder
+- Olive 0.13 will not run its context-binary pass on Linux, so ONNX Runtime's ModelCompiler compiles each decoder
+  model here with CPU fallback off: a node the HTP cannot take fails the build, so a written context binary means every decoder
   node runs on the HTP. The embeddings lookup and the LM head stay on the CPU, as in Olive's QNN recipes.
 """
 
@@ -80,20 +80,19 @@ def full_rotary(model) -> int:
 
     inits = {t.name: t for t in model.graph.initializer}
     producer = {out: node for node in model.graph.node for out in node.output}
-    value_shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-                    for v in list(model.graph.input) + list(model.graph.value_info)}
+    value_shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
     done, count = set(), 0
     widths = {}  # each rotary cache's width as written, before the first attention that reads it pads it
     for node in model.graph.node:
         if node.op_type != "GroupQueryAttention" or len(node.input) < 9 or not node.input[7]:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.input[1] or attrs.get("do_rotary") != 1 or attrs.get("rotary_interleaved", 0):
-            raise BuildError(f"{node.name}: expected packed QKV with a non-interleaved rotary inside the attention")
         half = widths.setdefault(node.input[7], numpy_helper.to_array(inits[node.input[7]]).shape[1])
         head = value_shapes[node.input[3]][-1]  # past key: [batch, kv heads, length, head size]
         if 2 * half == head:
             continue
+        if node.input[1] or attrs.get("do_rotary") != 1 or attrs.get("rotary_interleaved", 0):
+            raise BuildError(f"{node.name}: expected packed QKV with a non-interleaved rotary inside the attention")
         heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
         perm = head_permutation(head, half)
         columns = np.arange((heads + 2 * kv_heads) * head)
@@ -135,35 +134,43 @@ def qkv_weights(attention, producer: dict) -> list[str]:
     return [name for name in weight.input if name]
 
 
+def external_files(model) -> set[str]:
+    """The data files a model's external tensors live in."""
+    import onnx
+
+    return {e.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for e in t.external_data if e.key == "location"}
+
+
 def fix_static(model_dir: Path, names: list[str], kv_length: int) -> int:
     """Fix the KV length and make the rotary full in each decoder model; each is saved with a data file of its
-    own (Olive's iterator reads the context model's). Returns how many attention nodes were rewritten."""
+    own (Olive's iterator reads the context model's), and the data files they read before are removed. Returns how
+    many attention nodes were rewritten."""
     import onnx
     from onnxruntime.tools.onnx_model_utils import make_dim_param_fixed
 
-    for path in model_dir.iterdir():  # onnx refuses data files that are hard links (olive.collect links Olive's)
+    headers = {name: onnx.load(str(model_dir / name), load_external_data=False) for name in names}
+    old = {name for model in headers.values() for name in external_files(model)} | set(names)
+    for name in old:  # onnx refuses data files that are hard links (olive.collect links Olive's)
+        path = model_dir / name
         if path.is_file() and path.stat().st_nlink > 1:
-            copy = path.with_name(path.name + ".copy")
-            shutil.copyfile(path, copy)
-            os.replace(copy, path)
+            shutil.copyfile(path, path.with_name(path.name + ".copy"))
+            os.replace(path.with_name(path.name + ".copy"), path)
     models = {name: onnx.load(str(model_dir / name)) for name in names}  # all read before any data file changes
     rewritten = 0
-    for name, model in models.items():
-        make_dim_param_fixed(model.graph, KV_DIM, kv_length)
-        model = onnx.shape_inference.infer_shapes(model)
+    for model in models.values():
+        make_dim_param_fixed(model.graph, KV_DIM, kv_length)  # the KV inputs' shapes: what full_rotary reads
         rewritten += full_rotary(model)
-        models[name] = model
-    for name in names:
-        for old in (model_dir / name, model_dir / f"{name}.data"):
-            old.unlink(missing_ok=True)
+    for name in old:
+        (model_dir / name).unlink(missing_ok=True)
     for name, model in models.items():
         onnx.save(model, str(model_dir / name), save_as_external_data=True, location=f"{name}.data")
     return rewritten
 
 
 def compile_context_binary(model_dir: Path, name: str, npu: NpuSettings) -> list[str]:
-    """Compile one decoder model for the HTP with CPU fallback off; return the files ONNX Runtime wrote (the
-    EPContext model and its QNN binary), named after the model."""
+    """Compile one decoder model for the HTP with CPU fallback off (ONNX Runtime's ModelCompiler); return the files
+    written: the EPContext model and its QNN binary, named after the model."""
     import onnxruntime as ort
 
     devices = register_with_onnxruntime()
@@ -174,18 +181,13 @@ def compile_context_binary(model_dir: Path, name: str, npu: NpuSettings) -> list
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    options.add_session_config_entry("ep.context_enable", "1")
-    options.add_session_config_entry("ep.context_embed_mode", "0")
-    options.add_session_config_entry("ep.context_file_path", str(target))
     options.add_provider_for_devices(devices, {**provider_options(npu), "op_affinity": str(affinity)})
     try:
-        ort.InferenceSession(str(model_dir / name), options)
-    except Exception as exc:  # onnxruntime raises its own Fail / RuntimeException for every compile failure
+        ort.ModelCompiler(options, str(model_dir / name), embed_compiled_data_into_model=False,
+                          flags=ort.OrtCompileApiFlags.ERROR_IF_NO_NODES_COMPILED).compile_to_file(str(target))
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidArgument for every compile failure
         first = str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__
         raise BuildError(f"{name} does not run entirely on the QNN HTP (CPU fallback off): {first}") from None
     finally:
         affinity.unlink(missing_ok=True)
-    written = sorted(set(os.listdir(model_dir)) - before - {affinity.name})
-    if target.name not in written:
-        raise BuildError(f"ONNX Runtime wrote no context binary for {name} (found {written or 'nothing'})")
-    return written
+    return sorted(set(os.listdir(model_dir)) - before - {affinity.name})

@@ -3,6 +3,7 @@ options resolved into one plan, with every problem of the options reported at on
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from phiedge import catalog
-from phiedge.build import olive_config
+from phiedge.build import npu, olive_config
 from phiedge.catalog import pydantic_problems
 from phiedge.checkpoints import lora
 from phiedge.checkpoints.checkpoint import Checkpoint
@@ -118,6 +119,13 @@ def plan(model_dir: str | Path, target_name: str, options: BuildOptions = BuildO
     elif target.npu is not None and cap <= target.npu.window:
         problems.append(f"context cap {cap} must exceed the NPU's prompt window ({target.npu.window} tokens): the KV "
                         "cache holds the padded prompt and the reply")
+    if target.npu is not None:
+        if adapters:
+            problems.append(f"LoRA adapters are not built for {target.name}: its decoder is compiled into QNN context "
+                            "binaries, which have no adapter inputs")
+        if importlib.util.find_spec("onnxruntime_qnn") is None:
+            problems.append(f"{target.name} needs ONNX Runtime's QNN provider: {npu.INSTALL} "
+                            "(or pip install 'phiedge[npu]')")
     threads = options.threads if options.threads is not None else target.threads
     if threads == "auto":
         threads = os.cpu_count() or 1

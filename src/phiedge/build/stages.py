@@ -193,7 +193,7 @@ def compile_for_npu(b: Build) -> None:
         compiled[name] = next(f for f in written if f.endswith(npu.CONTEXT_SUFFIX))
         for old in (b.tmp / name, b.tmp / f"{name}.data"):
             old.unlink(missing_ok=True)
-        b.files = [f for f in b.files if f not in (name, f"{name}.data")] + written
+        b.files = [f for f in dict.fromkeys(b.files + written) if (b.tmp / f).is_file()]
     for entry in config["model"]["decoder"]["pipeline"]:
         for stage in entry.values():
             stage["filename"] = compiled.get(stage["filename"], stage["filename"])

@@ -36,9 +36,13 @@ def load(model_dir: str, threads: int | None = None) -> tuple[og.Model, og.Token
     return model, og.Tokenizer(model)
 
 
+def decoder_config(model_dir: str) -> dict:
+    return json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+
+
 def providers(model_dir: str) -> set[str]:
     """The execution providers genai_config.json asks for, in the decoder or any model of a pipeline."""
-    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    decoder = decoder_config(model_dir)
     sessions = [decoder.get("session_options", {})] + [stage.get("session_options", {})
                                                        for entry in decoder.get("pipeline", []) for stage in entry.values()]
     return {name for options in sessions for entry in options.get("provider_options", []) for name in entry}
@@ -57,6 +61,22 @@ def register_qnn() -> None:
 
 
 STATIC = "decoder-pipeline"  # an NPU model: static windows and a KV cache of fixed length (genai's max_length)
+
+
+def prompt_window(model_dir: str) -> int | None:
+    """The most prompt tokens a static NPU model takes: its window. onnxruntime-genai 0.14.1 pads a longer prompt
+    to whole windows, and then gets a reply wrong (a 100-token prompt in 64-token windows) or aborts the process
+    (a padded prompt that fills the KV cache). None: any prompt that fits the context."""
+    decoder = decoder_config(model_dir)
+    return (decoder.get("sliding_window") or {}).get("window_size") if decoder.get("pipeline") else None
+
+
+def check_prompt(model_dir: str, n_prompt: int) -> None:
+    """ValueError, before anything runs, for a prompt a static model cannot take."""
+    window = prompt_window(model_dir)
+    if window is not None and n_prompt > window:
+        raise ValueError(f"the prompt is {n_prompt} tokens and this NPU model takes at most {window} (its static "
+                         "window; onnxruntime-genai 0.14.1 handles longer prompts wrongly)")
 
 
 def search_length(model: og.Model, tokens: int) -> dict:
@@ -116,6 +136,7 @@ def reply(model: og.Model, tokenizer: og.Tokenizer, prompt: str, args: argparse.
           adapter: tuple[og.Adapters, str] | None = None) -> str:
     """Stream one answer to stdout as it is generated; report speed on stderr; return the text."""
     prompt_ids = list(tokenizer.encode(prompt))
+    check_prompt(args.model_dir, len(prompt_ids))
     stream = tokenizer.create_stream()  # decodes piece by piece, holding back split multi-byte characters
     start = time.perf_counter()
     first = None
@@ -161,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load(args.model_dir, args.threads)
     adapter = load_adapter(model, args.model_dir, args.adapter) if args.adapter else None
     if not args.chat:
-        reply(model, tokenizer, args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system), args,
-              adapter)
+        try:
+            reply(model, tokenizer, args.prompt if args.raw else chat_prompt(tokenizer, args.prompt, args.system), args,
+                  adapter)
+        except ValueError as exc:  # a prompt the model cannot take
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         return 0
     history: list = []
     while True:
@@ -170,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         user = sys.stdin.readline().strip()
         if not user:
             return 0
-        answer = reply(model, tokenizer, chat_prompt(tokenizer, user, args.system, history), args, adapter)
+        try:
+            answer = reply(model, tokenizer, chat_prompt(tokenizer, user, args.system, history), args, adapter)
+        except ValueError as exc:  # the conversation outgrew what the model takes
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 

@@ -12,6 +12,7 @@ only for the target's provider, and every file named stays inside the folder.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -146,7 +147,19 @@ def recorded_provider(model_dir: Path) -> str | None:
 
 # The provider options phiedge writes (build/npu.py), each with the values it may take. Never a library path
 # (`backend_path`): the QNN backend is the installed provider's own, chosen by type.
-PROVIDER_SETTINGS = {"qnn": {"backend_type": lambda v: v == "htp", "htp_arch": str.isdigit, "soc_model": str.isdigit}}
+def number(value: str) -> bool:
+    return re.fullmatch(r"[0-9]{1,4}", value) is not None
+
+
+PROVIDER_SETTINGS = {"qnn": {"backend_type": lambda v: v == "htp", "htp_arch": number, "soc_model": number}}
+
+# What an EPContext node (a model compiled for the NPU: build/npu.py) may say, as ONNX Runtime's ModelCompiler
+# writes it for QNN: its binary in a file beside the model (embed_mode 0), nothing that points the provider at
+# another kind of context (QNN's `ep_context_type`/`ep_dlc_context`, read by its Genie path) or another provider.
+EP_CONTEXT = {"main_context": lambda v: v in (0, 1), "embed_mode": lambda v: v == 0, "ep_cache_context": None,
+              "source": lambda v: v in (b"QNNExecutionProvider", b"QNN"), "ep_sdk_version": lambda v: True,
+              "partition_name": lambda v: True, "is_multi_soc_ep_context": lambda v: v == 0,
+              "max_size": lambda v: True}
 
 
 def check_providers(where: Path, options: list[dict], provider: str | None) -> None:
@@ -183,6 +196,21 @@ def tensors(message):
                 yield from tensors(item)
 
 
+def check_ep_context(model_dir: Path, onnx_path: Path, node) -> None:
+    import onnx
+
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    wrong = sorted(k for k, v in attrs.items() if k not in EP_CONTEXT or (EP_CONTEXT[k] and not EP_CONTEXT[k](v)))
+    if wrong or attrs.get("embed_mode") != 0:
+        raise UnsafeModelError(f"{onnx_path}: EPContext node {node.name!r} sets {', '.join(wrong) or 'no embed_mode 0'}"
+                               ", which phiedge never writes")
+    cache = attrs.get("ep_cache_context", b"")
+    cache = cache.decode("utf-8", "replace") if isinstance(cache, bytes) else ""
+    if leaves(model_dir, onnx_path.parent, cache):
+        raise UnsafeModelError(f"{onnx_path}: EPContext node {node.name!r} reads its context binary from "
+                               f"{cache!r}, not a file inside the model folder")
+
+
 def check_external_data(model_dir: Path, onnx_path: Path) -> None:
     """Every external tensor's location is a plain relative name inside the model folder."""
     import onnx
@@ -192,14 +220,8 @@ def check_external_data(model_dir: Path, onnx_path: Path) -> None:
     except Exception as exc:  # protobuf's DecodeError and onnx's own errors share no base class
         raise UnsafeModelError(f"{onnx_path}: not a readable ONNX file ({exc})") from None
     for node in model.graph.node:  # a compiled NPU model: its QNN context binary is a file beside it
-        if node.op_type != "EPContext":
-            continue
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        cache = attrs.get("ep_cache_context", b"")
-        cache = cache.decode("utf-8", "replace") if isinstance(cache, bytes) else str(cache)
-        if attrs.get("embed_mode", 1) == 0 and leaves(model_dir, onnx_path.parent, cache):
-            raise UnsafeModelError(f"{onnx_path}: EPContext node {node.name!r} reads its context binary from "
-                                   f"{cache!r}, outside the model folder")
+        if node.op_type == "EPContext":
+            check_ep_context(model_dir, onnx_path, node)
     for tensor in tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -240,8 +262,8 @@ def check_model_folder(model_dir: str | Path, provider: str | None = None) -> No
         if entry.is_symlink() and outside(entry, model_dir):
             raise UnsafeModelError(f"{entry} links outside the model folder")
     onnx_files = {p for p in model_dir.rglob("*.onnx") if p.is_file()}
-    if decoder.filename is not None and (model_dir / decoder.filename).is_file():
-        onnx_files.add(model_dir / decoder.filename)
+    named = [decoder.filename] + [stage.filename for entry in decoder.pipeline or [] for stage in entry.values()]
+    onnx_files |= {model_dir / name for name in named if name is not None and (model_dir / name).is_file()}
     for onnx_path in sorted(onnx_files):
         check_external_data(model_dir, onnx_path)
 

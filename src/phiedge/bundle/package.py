@@ -189,7 +189,14 @@ def requirements(record: BuildRecord) -> bytes:
     """The runtime's pip packages, at least the version that built the model."""
     runtime = record.versions.get("onnxruntime-genai", "0")
     packages = (record.bundle or {}).get("requirements") or ["onnxruntime-genai"]
-    return "".join(f"{p}>={record.versions.get(p, runtime)}\n" for p in packages).encode()
+    return "".join(f"{p}>={own_version(record, p) or runtime}\n" for p in packages).encode()
+
+
+def own_version(record: BuildRecord, package: str) -> str | None:
+    """The version of a runtime package the build recorded, when it was installed there (onnxruntime-qnn); others
+    (onnxruntime-genai-directml, not installable here) get onnxruntime-genai's."""
+    found = record.versions.get(package, "")
+    return found if found[:1].isdigit() else None
 
 
 def write_entry(zf: zipfile.ZipFile, arcname: str, data: bytes | Path) -> None:

@@ -131,6 +131,9 @@ async def generation(served: Served, http: Request, prompt_ids: list[int], reque
     if len(prompt_ids) >= cap:
         raise ServeRequestError(f"the prompt is {len(prompt_ids)} tokens and this model's context cap is {cap} tokens "
                            "(prompt and reply together): shorten the prompt")
+    if engine.window is not None and len(prompt_ids) > engine.window:
+        raise ServeRequestError(f"the prompt is {len(prompt_ids)} tokens and this NPU model takes at most "
+                                f"{engine.window} (its static window): shorten the prompt")
     room = cap - len(prompt_ids)
     job = Job(prompt_ids, min(max_tokens or room, room), request.temperature, request.top_p, request.seed, guidance,
               adapter_of(request.model, served), loop=asyncio.get_running_loop())
@@ -213,7 +216,7 @@ def create_app(served: Served) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served.name, "queued": served.engine.waiting,
-                "generated_tokens": served.engine.generated}
+                "generated_tokens": served.engine.generated, "cancelled": served.engine.cancelled}
 
     @app.get("/v1/models")
     async def models():

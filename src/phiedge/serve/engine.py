@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phiedge.bundle.generate import adapter_files, search_length
+from phiedge.bundle.generate import adapter_files, prompt_window, search_length
 from phiedge.bundle.model_safety import load
 from phiedge.errors import ServerBusy, ServeRequestError
 
@@ -42,6 +42,7 @@ class Engine:
         self.model, self.tokenizer = load(model_dir)
         config = json.loads((Path(model_dir) / "genai_config.json").read_text())
         self.max_length = int(config["search"]["max_length"])
+        self.window = prompt_window(str(model_dir))  # a static NPU model's prompt limit
         self.eos = {int(i) for i in self.tokenizer.eos_token_ids}
         self.guidance = self.probe_guidance()
         files = adapter_files(str(model_dir))
@@ -56,6 +57,7 @@ class Engine:
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.waiting = 0  # jobs queued or running
         self.generated = 0  # tokens generated since start, for /health
+        self.cancelled = 0  # generations stopped before their end (a client gone, a stop sequence met), for /health
         self.lock = threading.Lock()
         self.worker = threading.Thread(target=self.work, name="phiedge-serve-model", daemon=True)
         self.worker.start()
@@ -127,7 +129,10 @@ class Engine:
             raise ServeRequestError(f"the schema cannot constrain decoding: {str(exc).splitlines()[0][:300]}") from None
         generator.append_tokens(job.prompt_ids)
         for _ in range(job.max_new_tokens):
-            if generator.is_done() or job.cancelled.is_set():
+            if generator.is_done():
+                break
+            if job.cancelled.is_set():  # the client went away, or the reply met a stop sequence
+                self.cancelled += 1
                 break
             generator.generate_next_token()
             self.generated += 1
