@@ -4,7 +4,8 @@ simulator's speed (not a device's: the simulator emulates the HTP on this CPU).
 
     python benchmarks/npu.py CHECKPOINT -o WORK [--context-cap 128] [-r 3]
 
-Each build runs in a child process (`phiedge build`), so its peak RSS is its own (with the Olive child it waits for). Prints one JSON object.
+Each build runs in a child process (`phiedge build`), so its peak RSS is its own (with the Olive child it waits
+for). Prints one JSON object.
 """
 
 from __future__ import annotations

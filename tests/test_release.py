@@ -43,7 +43,7 @@ def test_all_targets_give_bundles_and_an_index(first):
     md = (dist / "RELEASE.md").read_text()
     assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 4
     npu = by["snapdragon-npu"]["validation"]
-    assert npu["enforced"] is False and npu["passed"] is None  # random weights, and no dequantized check (method builder)
+    assert npu["enforced"] is False and npu["passed"] is None  # random weights; no dequantized check (method builder)
     # the first of android, cpu and ios (same recipe, provider and int4 settings) makes the export the other two
     # reuse; windows-dml and snapdragon-npu have their own
     assert progress.count("reusing the export made for target android") == 2 and "made for target cpu" not in progress

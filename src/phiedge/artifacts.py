@@ -319,7 +319,8 @@ class ModelFolder:
         """The decoder's file; in a pipeline, the model that decodes one token at a time (not run on the prompt)."""
         if "filename" in self.decoder:
             return self.decoder["filename"]
-        return next((s["filename"] for s in self.stages if s.get("run_on_prompt") is False), self.stages[-1]["filename"])
+        decoding = [s["filename"] for s in self.stages if s.get("run_on_prompt") is False]
+        return (decoding or [self.stages[-1]["filename"]])[0]
 
     @property
     def model_names(self) -> list[str]:

@@ -105,7 +105,7 @@ def release(model_dir: str | Path, targets: list[str] | None, dist: str | Path, 
             build(model_dir, name, built, options, progress=progress, exports=exports)
             record = ModelFolder(built).record
             archive = tmp / f"{bundle_name(record)}.zip"
-            manifest = package(built, archive)
+            package(built, archive)
             e = entry(archive)
             target = catalog.find_target(name)
             if run_bench and target.runs_here and not (target.checks and target.checks.simulated):

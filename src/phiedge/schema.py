@@ -288,8 +288,8 @@ class GraphChecks(Strict):
     max_opset: int = Field(ge=7, description="highest ai.onnx opset the target's ONNX Runtime implements")
     operators: str = Field(description="operator list under targets/operators/ (the provider's kernels)")
     numeric: bool = Field(description="the graph runs on this machine's CPU provider, so validation runs")
-    simulated: bool = Field(False, description="it runs here on a simulator of the device (QNN's HTP): validated, but "
-                                               "its speed here says nothing of the device's, so releases do not bench it")
+    simulated: bool = Field(False, description="it runs here on a simulator of the device (QNN's HTP): validated, "
+                                               "but its speed here is not the device's, so releases do not bench it")
 
 
 class OperatorKernel(Strict):

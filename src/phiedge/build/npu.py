@@ -15,8 +15,8 @@ iterator (one token) and an LM head. Three things are left to phiedge, each meas
   sin 0 (a rotation by zero). Attention scores are dot products of query and key, which one permutation of both
   leaves unchanged; values and outputs are untouched.
 - Olive 0.13 will not run its context-binary pass on Linux, so ONNX Runtime's ModelCompiler compiles each decoder
-  model here with CPU fallback off: a node the HTP cannot take fails the build, so a written context binary means every decoder
-  node runs on the HTP. The embeddings lookup and the LM head stay on the CPU, as in Olive's QNN recipes.
+  model here with CPU fallback off: a node the HTP cannot take fails the build, so a written context binary means
+  every decoder node runs on the HTP. The embeddings lookup and the LM head stay on the CPU, as in Olive's QNN recipes.
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ def decoder_config(model_dir: str) -> dict:
 def providers(model_dir: str) -> set[str]:
     """The execution providers genai_config.json asks for, in the decoder or any model of a pipeline."""
     decoder = decoder_config(model_dir)
-    sessions = [decoder.get("session_options", {})] + [stage.get("session_options", {})
-                                                       for entry in decoder.get("pipeline", []) for stage in entry.values()]
+    stages = [stage for entry in decoder.get("pipeline", []) for stage in entry.values()]
+    sessions = [decoder.get("session_options", {})] + [stage.get("session_options", {}) for stage in stages]
     return {name for options in sessions for entry in options.get("provider_options", []) for name in entry}
 
 

@@ -70,11 +70,12 @@ HOW_TO_RUN = {
                "GenAI release page.",
     "windows-npu": "On a Windows on Arm PC with a Snapdragon NPU (Snapdragon X), in PowerShell:\n\n"
                    "    .\\run.ps1 -Prompt \"Hello\"\n\n"
-                   "It installs onnxruntime-genai and onnxruntime-qnn (the QNN execution provider, with its HTP\n"
-                   "libraries) into .venv; generate.py registers the provider from that package. The decoder runs on the\n"
-                   "NPU from QNN context binaries compiled for the chip in the manifest (`runtime.npu` of the build\n"
-                   "record: htp_arch, soc_model); the embedding lookup and the LM head run on the CPU. Prompts are\n"
-                   "processed in windows of a fixed length and the KV cache has a fixed length (the context cap).",
+                   "It installs onnxruntime-genai and onnxruntime-qnn (the QNN execution provider and its HTP\n"
+                   "libraries) into .venv, and generate.py registers the provider from that package. The decoder runs\n"
+                   "on the NPU from QNN context binaries compiled for one chip (`runtime.npu` in the model folder's\n"
+                   "phiedge_build.json: htp_arch, soc_model); the embedding lookup and the LM head run on the CPU.\n"
+                   "Shapes are static: a prompt may be one window long at most (`sliding_window` in\n"
+                   "genai_config.json), and the KV cache has the context cap's length.",
 }
 
 

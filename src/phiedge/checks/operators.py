@@ -103,7 +103,7 @@ def check_graph(folder: ModelFolder, provider: str, checks: GraphChecks, names: 
     ops = sets[checks.operators]
     graphs_read = [onnx.load(str(folder.path / name), load_external_data=False) for name in names] if names \
         else [folder.graph]
-    models = [onnx.shape_inference.infer_shapes(g) for g in graphs_read]  # new models: the folder's are left as they were
+    models = [onnx.shape_inference.infer_shapes(g) for g in graphs_read]  # new models: the folder's stay as they are
     problems = list(dict.fromkeys(p for model in models for p in unsupported(model, ops)))
     opset = max(next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0) for model in models)
     if opset > checks.max_opset:

@@ -111,7 +111,8 @@ class Engine:
         import onnxruntime_genai as og
 
         params = og.GeneratorParams(self.model)
-        options = {**search_length(self.model, len(job.prompt_ids) + job.max_new_tokens), "do_sample": job.temperature > 0}
+        options = {**search_length(self.model, len(job.prompt_ids) + job.max_new_tokens),
+                   "do_sample": job.temperature > 0}
         if job.temperature > 0:
             options.update(temperature=job.temperature, top_p=job.top_p)
         if job.seed is not None:
