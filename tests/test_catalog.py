@@ -65,7 +65,7 @@ def test_aliases_and_hub_ids_resolve():
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(NotFoundError, match="known: .*phi-4-mini"):
         catalog.find_variant("phi-5")
-    with pytest.raises(NotFoundError, match="known: android, cpu, ios, snapdragon-npu, windows-dml"):
+    with pytest.raises(NotFoundError, match="known: android, android-npu, cpu, ios, snapdragon-npu, windows-dml"):
         catalog.find_target("tpu")
 
 

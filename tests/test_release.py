@@ -3,11 +3,12 @@ import zipfile
 
 import pytest
 
+from phiedge.bundle.verify import verify
 from phiedge.cli import cli
 from phiedge.errors import PhiedgeError
 from phiedge.release import index, release
 
-TARGETS = ["android", "cpu", "ios", "snapdragon-npu", "windows-dml"]
+TARGETS = ["android", "android-npu", "cpu", "ios", "snapdragon-npu", "windows-dml"]
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +42,19 @@ def test_all_targets_give_bundles_and_an_index(first):
     assert by["windows-dml"]["validation"] is None and "bench" not in by["windows-dml"]
     assert "dml is not available" in by["windows-dml"]["not_validated_because"]
     md = (dist / "RELEASE.md").read_text()
-    assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 4
-    npu = by["snapdragon-npu"]["validation"]
-    assert npu["enforced"] is False and npu["passed"] is None  # random weights; no dequantized check (method builder)
+    assert all(f"| {t} |" in md for t in TARGETS) and "not run here" in md and md.count("(not enforced)") == 5
+    for target in ("android-npu", "snapdragon-npu"):  # random weights; no dequantized check (method builder)
+        assert by[target]["validation"]["enforced"] is False and by[target]["validation"]["passed"] is None
+    phone = verify(dist / by["android-npu"]["file"])  # compiled for the phone's chip, loaded on its simulator
+    assert phone["loaded"] is True and "bench" not in by["android-npu"]
+    with zipfile.ZipFile(dist / by["android-npu"]["file"]) as zf:
+        names = zf.namelist()
+    assert any(n.endswith("app/src/main/assets/phi/context_ctx.onnx") for n in names)
+    assert any(n.endswith("app/src/main/java/ai/phiedge/PhiedgeChat.kt") for n in names)
     # the first of android, cpu and ios (same recipe, provider and int4 settings) makes the export the other two
-    # reuse; windows-dml and snapdragon-npu have their own
-    assert progress.count("reusing the export made for target android") == 2 and "made for target cpu" not in progress
+    # reuse; windows-dml has its own, and the two NPU targets share one (each compiled for its own chip)
+    assert progress.count("reusing the export made for target android (") == 2 and "made for target cpu" not in progress
+    assert progress.count("reusing the export made for target android-npu (") == 1  # snapdragon-npu: its own binaries
 
 
 def test_two_runs_give_identical_bundles(first, checkpoints, tmp_path):

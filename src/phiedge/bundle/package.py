@@ -14,6 +14,7 @@ Layouts (the target's `bundle.layout`):
 - ios: `Resources/phi/` (an Xcode folder reference) and `Sources/PhiedgeChat.swift`
 - windows: `model/` and `run.ps1`
 - windows-npu: `model/` and `run.ps1` (Windows on Arm, the Snapdragon NPU through onnxruntime-qnn)
+- android-npu: as android, for the Snapdragon NPU of a phone (ONNX Runtime's QNN AAR and Qualcomm's QNN runtime)
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ LAYOUTS = {  # layout -> (model folder in the bundle, {bundle path: template fil
     "ios": ("Resources/phi", {"Sources/PhiedgeChat.swift": "ios/PhiedgeChat.swift"}),
     "windows": ("model", {"run.ps1": "windows/run.ps1"}),
     "windows-npu": ("model", {"run.ps1": "windows/run.ps1"}),
+    "android-npu": ("app/src/main/assets/phi",
+                    {"app/src/main/java/ai/phiedge/PhiedgeChat.kt": "android/PhiedgeChat.kt"}),
 }
 HOW_TO_RUN = {
     "flat": "    pip install -r requirements.txt\n    python generate.py model --prompt \"Hello\"",
@@ -76,6 +79,14 @@ HOW_TO_RUN = {
                    "phiedge_build.json: htp_arch, soc_model); the embedding lookup and the LM head run on the CPU.\n"
                    "Shapes are static: a prompt may be one window long at most (`sliding_window` in\n"
                    "genai_config.json), and the KV cache has the context cap's length.",
+    "android-npu": "Copy `app/` into your Android project and follow the comment at the top of `PhiedgeChat.kt`:\n"
+                   "for the NPU, ONNX Runtime's QNN build (onnxruntime-android-qnn) and Qualcomm's QNN runtime\n"
+                   "libraries (com.qualcomm.qti:qnn-runtime, whose version should match the ep_sdk_version in the\n"
+                   "*_ctx.onnx files), which Gradle puts in the APK's native libraries. The decoder runs on the NPU\n"
+                   "from QNN context binaries compiled for one chip (`runtime.npu` in phiedge_build.json: htp_arch,\n"
+                   "soc_model); the embedding lookup and the LM head run on the CPU. A prompt may be one window long\n"
+                   "at most (`sliding_window` in genai_config.json). On a desktop first: `python generate.py\n"
+                   "app/src/main/assets/phi` with onnxruntime-qnn installed (its HTP simulator on x86-64 Linux).",
 }
 
 

@@ -6,8 +6,13 @@
 // app/libs/. ONNX Runtime itself comes from Maven Central (onnxruntime-genai 0.14.x needs ORT >= 1.26.0):
 //     implementation(files("libs/onnxruntime-genai-android-0.14.0.aar"))
 //     implementation("com.microsoft.onnxruntime:onnxruntime-android:1.26.0")
+// A phiedge android-npu bundle (the Snapdragon NPU through QNN) needs ONNX Runtime's QNN build instead, and
+// Qualcomm's QNN runtime libraries (the HTP backend), which Gradle puts in the APK's native libraries; their QNN
+// version should match the ep_sdk_version of the bundle's *_ctx.onnx files (v2.51 for onnxruntime-qnn 2.7.0):
+//     implementation("com.microsoft.onnxruntime:onnxruntime-android-qnn:1.26.0")
+//     implementation("com.qualcomm.qti:qnn-runtime:2.51.0")
 // Keep the model files uncompressed in the APK (AGP 7+):
-//     android { androidResources { noCompress += listOf("onnx", "data") } }
+//     android { androidResources { noCompress += listOf("onnx", "data", "bin") } }
 // Google Play caps the size of APKs, app bundles and asset packs. A model of several GB may have to be
 // downloaded on first run instead of shipped in assets/.
 // Loading (the first time, copying GBs) and generating both block: never call chat() on the main
@@ -28,10 +33,13 @@ import java.io.IOException
 class PhiedgeChat(private val context: Context, private val assetDir: String = "phi") : AutoCloseable {
     private var model: Model? = null
     private var tokenizer: Tokenizer? = null
+    private var staticShapes = false  // a static NPU model (phiedge's android-npu target)
 
     /**
      * Streams the reply to one user message. maxLength is the genai "max_length": prompt plus reply
-     * tokens. The prompt is framed with the model's own chat template (tokenizer_config.json).
+     * tokens; for a static NPU model, whose KV cache has a fixed length, the number of reply tokens. The prompt
+     * is framed with the model's own chat template (tokenizer_config.json); an NPU model takes one window of it
+     * at most (genai_config.json's sliding_window.window_size, 64 tokens by default).
      */
     fun chat(prompt: String, maxLength: Int = 512, onToken: (String) -> Unit) {
         val (model, tokenizer) = load()
@@ -41,11 +49,12 @@ class PhiedgeChat(private val context: Context, private val assetDir: String = "
         val framed = tokenizer.applyChatTemplate("", messages, null, true)
         tokenizer.encode(framed).use { sequences ->
             GeneratorParams(model).use { params ->
-                params.setSearchOption("max_length", maxLength.toDouble())
+                if (!staticShapes) params.setSearchOption("max_length", maxLength.toDouble())
                 Generator(model, params).use { generator ->
                     tokenizer.createStream().use { stream ->
                         generator.appendTokenSequences(sequences)
-                        while (!generator.isDone()) {
+                        var count = 0
+                        while (!generator.isDone() && (!staticShapes || count++ < maxLength)) {
                             generator.generateNextToken()
                             onToken(stream.decode(generator.getLastTokenInSequence(0)))
                         }
@@ -58,7 +67,11 @@ class PhiedgeChat(private val context: Context, private val assetDir: String = "
     @Synchronized
     private fun load(): Pair<Model, Tokenizer> {
         model?.let { return it to tokenizer!! }
-        val loaded = Model(copyModelFromAssets().absolutePath)
+        val dir = copyModelFromAssets()
+        val config = JSONObject(File(dir, "genai_config.json").readText())
+        val decoder = config.getJSONObject("model").getJSONObject("decoder")
+        staticShapes = decoder.has("sliding_window")  // an NPU model: never set its max_length (genai aborts)
+        val loaded = Model(dir.absolutePath)
         val tok = try { Tokenizer(loaded) } catch (e: Exception) { loaded.close(); throw e }
         model = loaded
         tokenizer = tok
