@@ -152,7 +152,7 @@ def targets_command(as_json):
     data = [{"name": t.name, "provider": t.execution_provider, "precision": t.precision,
              "block_size": t.int4.block_size, "accuracy_level": t.int4.accuracy_level,
              "int4_method": t.int4.method, "quantizer": t.int4.quantizer, "calibrate": t.int4.calibrate,
-             "table": t.int4.embeddings, "lm_head_bits": t.int4.lm_head_bits, "eight_bit": t.int4.eight_bit,
+             "table": t.embedding_table, "lm_head_bits": t.int4.lm_head_bits, "eight_bit": t.int4.eight_bit,
              "context_cap": t.context_cap, "ram_gb": t.device.ram_gb if t.device else None,
              "threads": t.threads, "recipe": t.recipe, "layout": t.bundle.layout,
              "validated_here": t.runs_here,

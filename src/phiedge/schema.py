@@ -372,6 +372,12 @@ class Target(Strict):
         return PROVIDERS[self.execution_provider]
 
     @property
+    def embedding_table(self) -> str:
+        """The embedding lookup's precision: int4 on an NPU graph (its builder quantizes the Gather too,
+        build/olive_config.py), else the int4 settings' `embeddings`."""
+        return "int4" if self.npu is not None else self.int4.embeddings
+
+    @property
     def runs_here(self) -> bool:
         """Whether a build for this target runs on this machine's CPU provider (so it is loaded and validated)."""
         return self.checks is None or self.checks.numeric
