@@ -14,6 +14,7 @@ from conftest import once
 from onnx import TensorProto, helper, numpy_helper
 
 from phiedge.build import npu
+from phiedge.build.exports import Exports
 from phiedge.build.plan import BuildOptions
 from phiedge.build.stages import build
 from phiedge.bundle.generate import generate, load
@@ -28,9 +29,15 @@ CAP = 128  # the KV length of the test builds: the simulator attends over all of
 
 
 @pytest.fixture(scope="module")
-def npu_build(trained, tmp_path_factory):
+def exports(tmp_path_factory):
+    """Olive's export of the trained model, made once for this module's builds (the faults come after it)."""
+    return Exports(tmp_path_factory.mktemp("npu-exports"))
+
+
+@pytest.fixture(scope="module")
+def npu_build(trained, tmp_path_factory, exports):
     return once(tmp_path_factory, "builds/trained-int4-snapdragon-npu",
-                lambda out: build(trained, "snapdragon-npu", out, BuildOptions(context_cap=CAP)))
+                lambda out: build(trained, "snapdragon-npu", out, BuildOptions(context_cap=CAP), exports=exports))
 
 
 def attention_graph(blocks: bool, head=128, half=48, heads=3, kv_heads=1, hidden=64, length=16, seed=0):
@@ -148,13 +155,13 @@ def test_greedy_tokens_agree_with_the_cpu_int4_build(npu_build, builds, trained)
     assert sum(agree) >= 40, agree  # of 48; measured 48
 
 
-def test_a_graph_without_the_rotary_rewrite_fails_validation(trained, tmp_path, monkeypatch):
+def test_a_graph_without_the_rotary_rewrite_fails_validation(trained, tmp_path, monkeypatch, exports):
     """The injected fault: QNN's HTP computing Phi-4-mini's partial rotary itself. The cpu target's int4 thresholds
     catch it (KL 0.25 against transformers here, against 3e-3 with the rewrite). This test holds only while QNN
     gets partial rotary wrong (onnxruntime-qnn 2.7.0): once a release computes it right, the rewrite can go."""
     monkeypatch.setattr(npu, "full_rotary", lambda model: 0)
     with pytest.raises(ValidationFailed, match="kl_mean"):
-        build(trained, "snapdragon-npu", tmp_path / "out", BuildOptions(context_cap=CAP))
+        build(trained, "snapdragon-npu", tmp_path / "out", BuildOptions(context_cap=CAP), exports=exports)
     assert not (tmp_path / "out").exists()
 
 
@@ -185,12 +192,13 @@ def test_the_bundle_verifies_and_runs_on_the_simulator(npu_build, tmp_path, runn
     assert result.exit_code == 0, result.output
 
 
-def test_a_node_the_htp_does_not_take_fails_the_build(trained, tmp_path, monkeypatch):
+def test_a_node_the_htp_does_not_take_fails_the_build(trained, tmp_path, monkeypatch, exports):
     """Without the affinity that puts GroupQueryAttention on the HTP, QNN leaves it to the CPU, which the compile
     refuses (CPU fallback off): the build stops there, naming the model, and leaves no output."""
     monkeypatch.setattr(npu, "AFFINITY", {})
     with pytest.raises(BuildError, match="context.onnx does not run entirely on the QNN HTP"):
-        build(trained, "snapdragon-npu", tmp_path / "out", BuildOptions(context_cap=CAP, validate=False))
+        build(trained, "snapdragon-npu", tmp_path / "out", BuildOptions(context_cap=CAP, validate=False),
+              exports=exports)
     assert not (tmp_path / "out").exists()
 
 
