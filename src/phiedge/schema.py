@@ -270,7 +270,8 @@ class Bundle(Strict):
 
     layout: Literal["flat", "android", "ios", "windows", "windows-npu", "android-npu"] = Field(
         "flat", description="flat: model/ + generate.py; android: app assets + Kotlin; ios: Xcode resources + "
-                            "Swift; windows: model/ + PowerShell runner; windows-npu, android-npu: the same for a Snapdragon NPU")
+                            "Swift; windows: model/ + PowerShell runner; windows-npu, android-npu: the same for "
+                            "a Snapdragon NPU")
     requirements: list[str] = Field(default_factory=lambda: ["onnxruntime-genai"],
                                     description="pip packages of the runtime (no version: the build's is added)")
 
