@@ -145,12 +145,12 @@ def recorded_provider(model_dir: Path) -> str | None:
     return read(BuildRecord, path).execution_provider if path.is_file() else None  # malformed: ArtifactError
 
 
-# The provider options phiedge writes (build/npu.py), each with the values it may take. Never a library path
-# (`backend_path`): the QNN backend is the installed provider's own, chosen by type.
 def number(value: str) -> bool:
     return re.fullmatch(r"[0-9]{1,4}", value) is not None
 
 
+# The provider options phiedge writes (build/npu.py), each with the values it may take. Never a library path
+# (`backend_path`): the QNN backend is the installed provider's own, chosen by type.
 PROVIDER_SETTINGS = {"qnn": {"backend_type": lambda v: v == "htp", "htp_arch": number, "soc_model": number}}
 
 # What an EPContext node (a model compiled for the NPU: build/npu.py) may say, as ONNX Runtime's ModelCompiler
